@@ -1,0 +1,1 @@
+"""Thin wrappers over kernel interfaces Python's stdlib lacks (keyrings)."""

@@ -1,0 +1,1 @@
+"""Mapping backends. Each module owns one way of making a block device."""

@@ -1,0 +1,180 @@
+"""rbd-fuse + loop device: a block device on kernels without rbd or nbd.
+
+rbd-fuse exposes the image as a file (one rbd-fuse per image, `-r`); a loop
+device with direct I/O turns the file into a block device. Guards for
+rbd-fuse's silent failures: it exits 0 on a missing pool or image and leaves
+a dead or empty mount, so the image is checked first and the file is
+verified after; it waits 300 s for an unreachable monitor, so
+client_mount_timeout is always passed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import shutil
+import time
+from pathlib import Path
+
+from cephvol import proc
+from cephvol.errors import NotFound, StepTimeout, SystemCommandError, Unsupported
+from cephvol.hostfs import find_processes, pid_alive, read_loop_devices, read_mounts
+from cephvol.mapper import Backend, MapOptions, Mapping, Support
+from cephvol.spec import ImageSpec, spec_from_key
+
+FSTYPE = "fuse.rbd-fuse"
+
+
+class FuseBackend(Backend):
+    name = "fuse"
+
+    @property
+    def fuse_root(self) -> Path:
+        return self.paths.state_dir / "fuse"
+
+    def support(self) -> Support:
+        missing = [t for t in ("rbd-fuse", "losetup", "fusermount3") if not shutil.which(t)
+                   and not (t == "fusermount3" and shutil.which("fusermount"))]
+        if missing:
+            return Support(False, f"missing {', '.join(missing)} (apt install rbd-fuse fuse3)")
+        if not (self.paths.dev_root / "fuse").exists():
+            return Support(False, "/dev/fuse is missing (no FUSE in this kernel or container)")
+        if not (self.paths.dev_root / "loop-control").exists():
+            return Support(False, "/dev/loop-control is missing (no loop devices)")
+        return Support(True, "rbd-fuse and loop devices are available")
+
+    # -- discovery -----------------------------------------------------------
+
+    def list_mappings(self) -> list[Mapping]:
+        root = str(self.fuse_root)
+        mounts = {m.mountpoint: m for m in read_mounts(self.paths.proc_root / "self" / "mountinfo")
+                  if m.fstype == FSTYPE and os.path.dirname(m.mountpoint) == root}
+        loops = {}
+        for lo in read_loop_devices(self.paths.sys_root):
+            d = os.path.dirname(lo.backing_file)
+            if os.path.dirname(d) == root:
+                loops[d] = lo
+        out = []
+        for fuse_dir in sorted(set(mounts) | set(loops)):
+            try:
+                spec = spec_from_key(os.path.basename(fuse_dir))
+            except Exception:
+                continue
+            lo = loops.get(fuse_dir)
+            pids = find_processes("rbd-fuse", fuse_dir, self.paths.proc_root)
+            out.append(Mapping(
+                backend=self.name,
+                spec=str(spec),
+                device=lo.path if lo else "",
+                backend_id=lo.name if lo else "",
+                read_only=lo.read_only if lo else spec.read_only,
+                extra={"fuse_dir": fuse_dir, "fuse_mounted": fuse_dir in mounts,
+                       "fuse_pid": pids[0] if pids else None},
+            ))
+        return out
+
+    # -- map -----------------------------------------------------------------
+
+    def map(self, spec: ImageSpec, opts: MapOptions) -> Mapping:
+        if spec.snap:
+            raise Unsupported("the fuse backend cannot map snapshots (rbd-fuse has no "
+                              "snapshot option); use krbd or nbd")
+        if opts.exclusive:
+            raise Unsupported("the fuse backend has no exclusive mapping; use krbd or nbd")
+        existing = self.find(spec)
+        if existing and existing.device and existing.extra.get("fuse_pid"):
+            return existing
+        if existing:
+            # half-made by a crash: finish the teardown, then map afresh
+            self.unmap(existing, force=True)
+        fuse_dir = self.fuse_root / spec.key
+        fuse_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        t = self.cfg.connect_timeout
+        argv = ["rbd-fuse", "-c", str(self.cfg.conf), "--id", self.cfg.client_id,
+                "-p", spec.pool]
+        if spec.namespace:
+            argv += ["-s", spec.namespace]
+        argv += ["-r", spec.image, f"--client_mount_timeout={t:g}", str(fuse_dir)]
+        try:
+            proc.run(argv, timeout=t + 15)
+            image_file = self._verify_file(fuse_dir, spec)
+            ro = ["--read-only"] if opts.read_only else []
+            res = proc.run(["losetup", "--find", "--show", "--direct-io=on", *ro,
+                            str(image_file)], timeout=30)
+        except BaseException:
+            self._teardown_fuse(fuse_dir)
+            raise
+        device = res.stdout.strip()
+        m = self.find(spec)
+        if m is None or m.device != device:
+            raise SystemCommandError(f"losetup reported {device} but sysfs does not show it "
+                                     f"bound to {image_file}")
+        return m
+
+    def _verify_file(self, fuse_dir: Path, spec: ImageSpec) -> Path:
+        f = fuse_dir / spec.image
+        end = time.monotonic() + 5
+        while True:
+            try:
+                st = os.stat(f)
+                if st.st_size > 0:
+                    return f
+            except OSError as exc:
+                if exc.errno == errno.ENOTCONN:
+                    raise SystemCommandError(
+                        f"rbd-fuse for {spec} died after starting (dead FUSE mount); "
+                        "see the client log named in the ceph config") from exc
+            if time.monotonic() > end:
+                raise NotFound(f"rbd-fuse does not show image {spec} (pool, namespace "
+                               "or image missing, or no permission)")
+            time.sleep(0.05)
+
+    # -- unmap ---------------------------------------------------------------
+
+    def unmap(self, mapping: Mapping, *, force: bool = False) -> None:
+        fuse_dir = Path(mapping.extra.get("fuse_dir") or self.fuse_root / mapping.image_spec.key)
+        if mapping.device:
+            # the caller checked the device is unused; flush what the page
+            # cache holds for the block device before it goes away
+            if mapping.extra.get("fuse_pid"):
+                proc.run(["blockdev", "--flushbufs", mapping.device], timeout=60, check=False)
+            proc.run(["losetup", "-d", mapping.device], timeout=30, check=False)
+            self._wait_loop_gone(mapping.backend_id)
+        self._teardown_fuse(fuse_dir)
+
+    def _wait_loop_gone(self, name: str, timeout: float = 10.0) -> None:
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            if not any(lo.name == name for lo in read_loop_devices(self.paths.sys_root)):
+                return
+            time.sleep(0.02)
+        raise StepTimeout(f"loop device {name} still bound {timeout:g}s after losetup -d "
+                          "(something still holds it open)")
+
+    def _teardown_fuse(self, fuse_dir: Path) -> None:
+        """Unmount rbd-fuse and wait for it to exit, so librbd has flushed."""
+        pids = find_processes("rbd-fuse", str(fuse_dir), self.paths.proc_root)
+        mounted = any(m.mountpoint == str(fuse_dir) and m.fstype == FSTYPE
+                      for m in read_mounts(self.paths.proc_root / "self" / "mountinfo"))
+        if mounted:
+            fusermount = shutil.which("fusermount3") or "fusermount"
+            delay = 0.05
+            for attempt in range(8):
+                res = proc.run([fusermount, "-u", str(fuse_dir)], timeout=30, check=False)
+                if res.returncode == 0:
+                    break
+                if attempt == 7:
+                    raise SystemCommandError(
+                        f"cannot unmount rbd-fuse at {fuse_dir}: {res.stderr.strip()}")
+                time.sleep(delay)  # the loop device may release the file a moment late
+                delay *= 2
+        end = time.monotonic() + 60
+        for pid in pids:
+            while pid_alive(pid, self.paths.proc_root) and time.monotonic() < end:
+                time.sleep(0.02)
+            if pid_alive(pid, self.paths.proc_root):
+                raise StepTimeout(f"rbd-fuse (pid {pid}) did not exit within 60s after unmount")
+        with contextlib.suppress(OSError):
+            fuse_dir.rmdir()
+

@@ -1,0 +1,60 @@
+"""Safe teardown: a pure planner and an executor.
+
+The planner looks only at data (journal, the mapping the kernel shows, the
+mounts of the device in every mount namespace) and says which steps remain,
+so every crash state can be unit-tested without a cluster. The executor runs
+the steps; each is idempotent, so `detach` can simply be run again after any
+failure or crash, and it finishes what is left.
+
+Data rules enforced here: flush before unmount and before unmap; never
+unmap a device that is mounted or open unless the operator forced it; a
+mount in another live mount namespace is a user (a running container), so it
+makes the device busy rather than being unmounted behind the container's back.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from cephvol.hostfs import Mount
+
+
+@dataclass(frozen=True)
+class Step:
+    kind: str  # "sync", "umount", "check-unused", "unmap", "forget", "refuse"
+    target: str = ""
+    detail: str = ""
+
+
+@dataclass
+class Observed:
+    """What is true on the host for one volume, gathered at the edges."""
+
+    key: str
+    journal_present: bool
+    device: str  # "" when no block device exists (or never did)
+    mapped: bool  # any backend part exists (even a half-made mapping)
+    own_mounts: list[Mount] = field(default_factory=list)
+    foreign_mounts: dict[str, list[Mount]] = field(default_factory=dict)  # ns -> mounts
+    foreign_pids: dict[str, int] = field(default_factory=dict)  # ns -> a pid inside
+
+
+def plan_detach(obs: Observed, *, force: bool = False, lazy: bool = False) -> list[Step]:
+    steps: list[Step] = []
+    if obs.foreign_mounts and not force:
+        where = "; ".join(
+            f"{m.mountpoint} in the mount namespace of pid {obs.foreign_pids.get(ns, '?')}"
+            for ns, ms in sorted(obs.foreign_mounts.items()) for m in ms)
+        return [Step("refuse", obs.device, f"{obs.device} is still mounted at {where}; "
+                     "stop that container first, or pass --force")]
+    # deepest first, so nested mounts come off before their parents
+    for m in sorted(obs.own_mounts, key=lambda m: (-m.mountpoint.count("/"), m.mountpoint)):
+        steps.append(Step("sync", m.mountpoint))
+        steps.append(Step("umount", m.mountpoint, "lazy" if lazy else ""))
+    if obs.mapped:
+        if obs.device:
+            steps.append(Step("check-unused", obs.device, "skip" if force else ""))
+        steps.append(Step("unmap", obs.device, "force" if force else ""))
+    if obs.journal_present or steps:
+        steps.append(Step("forget", obs.key))
+    return steps

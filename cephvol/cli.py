@@ -1,0 +1,326 @@
+"""The `cephvol` command: parse, call the library, print. Nothing else lives here."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from cephvol import __version__
+from cephvol.errors import CephvolError, ExitCode, UsageError
+
+log = logging.getLogger("cephvol")
+
+
+class Ctx:
+    def __init__(self, conf: str | None, client_id: str | None, timeout: float | None,
+                 state_dir: str | None) -> None:
+        self._conf, self._id, self._timeout, self._state_dir = conf, client_id, timeout, state_dir
+
+    def cfg(self) -> Any:
+        from cephvol.cluster import ClusterConfig
+
+        return ClusterConfig.from_env(self._conf, self._id, self._timeout)
+
+    def host(self) -> Any:
+        from cephvol.lifecycle import Host
+        from cephvol.mapper import HostPaths
+        from cephvol.state import state_dir_from_env
+
+        return Host(self.cfg(), HostPaths(state_dir_from_env(self._state_dir)))
+
+
+def _emit(data: Any, as_json: bool, text: str) -> None:
+    if as_json:
+        click.echo(json.dumps(data, indent=2, sort_keys=True, default=str))
+    else:
+        click.echo(text)
+
+
+def _spec(text: str, allow_snap: bool = True) -> Any:
+    from cephvol.spec import parse_spec
+
+    return parse_spec(text, allow_snap=allow_snap)
+
+
+json_opt = click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="cephvol")
+@click.option("-c", "--conf", envvar="CEPH_CONF", help="ceph.conf [$CEPH_CONF]")
+@click.option("--id", "client_id", envvar="CEPHVOL_ID", help="cephx user without 'client.' [admin]")
+@click.option("--connect-timeout", type=float, envvar="CEPHVOL_CONNECT_TIMEOUT",
+              help="Seconds to wait for the cluster [15].")
+@click.option("--state-dir", envvar="CEPHVOL_STATE_DIR", help="State directory [/run/cephvol].")
+@click.option("--debug", is_flag=True, help="Log every step to stderr.")
+@click.pass_context
+def cli(ctx: click.Context, conf: str | None, client_id: str | None,
+        connect_timeout: float | None, state_dir: str | None, debug: bool) -> None:
+    """Ceph RBD volumes for containers: map, mount, hand over, unmount, unmap."""
+    logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING,
+                        format="cephvol: %(message)s", stream=sys.stderr)
+    ctx.obj = Ctx(conf, client_id, connect_timeout, state_dir)
+
+
+# -- images ----------------------------------------------------------------------
+
+
+@cli.command()
+@click.argument("spec")
+@click.option("--size", required=True, help="Size with a unit: 512M, 10G, 1T.")
+@json_opt
+@click.pass_obj
+def create(obj: Ctx, spec: str, size: str, as_json: bool) -> None:
+    """Create an image (no-op if it exists with this size)."""
+    from cephvol.cluster import Cluster
+    from cephvol.spec import format_size, parse_size
+
+    s = _spec(spec, allow_snap=False)
+    nbytes = parse_size(size)
+    with Cluster(obj.cfg()) as c:
+        created = c.create_image(s, nbytes)
+    _emit({"image": str(s), "size": nbytes, "created": created}, as_json,
+          f"{'created' if created else 'exists'} {s} {format_size(nbytes)}")
+
+
+@cli.command()
+@click.argument("spec")
+@json_opt
+@click.pass_obj
+def info(obj: Ctx, spec: str, as_json: bool) -> None:
+    """Show an image: size, features, snapshots, watchers, locks."""
+    from cephvol.cluster import Cluster
+
+    with Cluster(obj.cfg()) as c:
+        i = c.image_info(_spec(spec))
+    text = (f"{i.spec}: size {i.size_human} ({i.size} bytes)\n"
+            f"features: {', '.join(i.features)}\n"
+            f"snapshots: {', '.join(i.snapshots) or '-'}\n"
+            f"watchers: {', '.join(w.get('addr', '?') for w in i.watchers) or '-'}\n"
+            f"lockers: {', '.join(lk['client'] for lk in i.lockers) or '-'}")
+    _emit(i.to_dict(), as_json, text)
+
+
+@cli.command(name="ls")
+@click.argument("pool", default="rbd")
+@json_opt
+@click.pass_obj
+def ls_cmd(obj: Ctx, pool: str, as_json: bool) -> None:
+    """List the images of a pool (POOL or POOL/NAMESPACE)."""
+    from cephvol.cluster import Cluster
+
+    s = _spec(pool.rstrip("/") + "/x", allow_snap=False)
+    with Cluster(obj.cfg()) as c:
+        names = c.list_images(s)
+    _emit(names, as_json, "\n".join(names))
+
+
+@cli.command()
+@click.argument("spec")
+@json_opt
+@click.pass_obj
+def rm(obj: Ctx, spec: str, as_json: bool) -> None:
+    """Remove an image; refused while it is mapped, open or locked anywhere."""
+    from cephvol.cluster import Cluster
+    from cephvol.lifecycle import _find_mapping
+
+    s = _spec(spec, allow_snap=False)
+    host = obj.host()
+    found = _find_mapping(host, s)
+    if found:
+        from cephvol.errors import Busy
+
+        raise Busy(f"{s} is mapped on this host at {found[1].device or '(half-mapped)'}; "
+                   "detach it first")
+    with Cluster(host.cfg) as c:
+        c.remove_image(s)
+    _emit({"image": str(s), "removed": True}, as_json, f"removed {s}")
+
+
+# -- volumes ---------------------------------------------------------------------
+
+
+@cli.command()
+@click.argument("spec")
+@click.option("-m", "--mountpoint", help="Mount here; without it the device is only mapped.")
+@click.option("--backend", default="auto", show_default=True,
+              type=click.Choice(["auto", "krbd", "nbd", "fuse"]))
+@click.option("--read-only", is_flag=True, help="Map and mount read-only.")
+@click.option("--fstype", help="Filesystem for a new volume (ext4, xfs); checked on old ones.")
+@click.option("--mkfs/--no-mkfs", default=True, show_default=True,
+              help="Make a filesystem if the device holds nothing at all.")
+@click.option("--mkfs-option", "mkfs_options", multiple=True, help="Extra mkfs argument.")
+@click.option("--fsck", default="auto", show_default=True,
+              type=click.Choice(["auto", "skip", "force"]))
+@click.option("-o", "--mount-option", "mount_options", multiple=True,
+              help="Mount option (repeatable or comma-separated).")
+@json_opt
+@click.pass_obj
+def attach(obj: Ctx, spec: str, mountpoint: str | None, backend: str, read_only: bool,
+           fstype: str | None, mkfs: bool, mkfs_options: tuple[str, ...], fsck: str,
+           mount_options: tuple[str, ...], as_json: bool) -> None:
+    """Map an image, make a filesystem if it has none, mount it; print the device."""
+    from cephvol import lifecycle
+    from cephvol.mapper import MapOptions
+    from cephvol.spec import parse_mountpoint
+
+    s = _spec(spec)
+    mp = Path(str(parse_mountpoint(mountpoint))) if mountpoint is not None else None
+    mopts = [o for opt in mount_options for o in opt.split(",") if o]
+    for o in mopts:
+        if not o.replace("_", "").replace("=", "").replace("-", "").isalnum():
+            raise UsageError(f"invalid mount option {o!r}")
+    req = lifecycle.AttachRequest(
+        spec=s, mountpoint=mp, backend=backend, options=MapOptions(read_only=read_only),
+        fstype=fstype, mkfs=mkfs, mkfs_options=list(mkfs_options), fsck=fsck,
+        mount_options=mopts)
+    res = lifecycle.attach(obj.host(), req)
+    _emit(res, as_json, res["device"])
+
+
+@cli.command()
+@click.argument("spec")
+@click.option("--force", is_flag=True, help="Unmap even if open or mounted elsewhere.")
+@click.option("--lazy", is_flag=True, help="Lazy unmount (umount -l) when busy.")
+@json_opt
+@click.pass_obj
+def detach(obj: Ctx, spec: str, force: bool, lazy: bool, as_json: bool) -> None:
+    """Flush, unmount and unmap; a no-op (exit 0) when not attached."""
+    from cephvol import lifecycle
+
+    res = lifecycle.detach(obj.host(), _spec(spec), force=force, lazy=lazy)
+    _emit(res, as_json, f"detached {res['image']}" if res["detached"]
+          else f"{res['image']}: not attached")
+
+
+@cli.command()
+@json_opt
+@click.pass_obj
+def status(obj: Ctx, as_json: bool) -> None:
+    """List attached volumes and every mapping any backend shows."""
+    from cephvol import lifecycle
+
+    rows = lifecycle.status(obj.host())
+    lines = [f"{'IMAGE':32} {'BACKEND':7} {'DEVICE':12} {'PHASE':9} MOUNTPOINT"]
+    for r in rows:
+        lines.append(f"{r['image']:32} {r['backend'] or '-':7} {r['device'] or '-':12} "
+                     f"{r['phase']:9} {r['mountpoint'] or '-'}")
+    _emit(rows, as_json, "\n".join(lines))
+
+
+# -- local cluster ----------------------------------------------------------------
+
+
+@cli.group(name="dev-cluster")
+def dev_cluster() -> None:
+    """A throw-away one-node cluster for trying cephvol and for its tests."""
+
+
+dir_opt = click.option("--dir", "directory", required=True, type=click.Path(file_okay=False),
+                       help="Directory holding the cluster.")
+
+
+@dev_cluster.command(name="up")
+@dir_opt
+@click.option("--addr", default="127.0.0.1", show_default=True, help="Address to bind.")
+@json_opt
+def dc_up(directory: str, addr: str, as_json: bool) -> None:
+    """Create or restart the cluster; return when pool rbd is writable."""
+    from cephvol.devcluster import DevCluster
+
+    _check_addr(addr)
+    res = DevCluster(Path(directory).absolute(), addr).up()
+    _emit(res, as_json, res["env"])
+    if not as_json:
+        click.echo(f"# cluster up in {res['seconds']}s", err=True)
+
+
+@dev_cluster.command(name="down")
+@dir_opt
+@json_opt
+def dc_down(directory: str, as_json: bool) -> None:
+    """Stop the daemons this directory's pid files name."""
+    from cephvol.devcluster import DevCluster
+
+    stopped = DevCluster(Path(directory).absolute()).down()
+    _emit({"stopped": stopped}, as_json, f"stopped {', '.join(stopped) or 'nothing'}")
+
+
+@dev_cluster.command(name="status")
+@dir_opt
+@json_opt
+def dc_status(directory: str, as_json: bool) -> None:
+    from cephvol.devcluster import DevCluster
+
+    d = DevCluster(Path(directory).absolute()).describe()
+    _emit(d, as_json, "\n".join(f"{k}: {v or 'stopped'}" for k, v in d["daemons"].items()))
+
+
+@dev_cluster.command(name="env")
+@dir_opt
+def dc_env(directory: str) -> None:
+    """Print the shell line that points cephvol and ceph tools at the cluster."""
+    from cephvol.devcluster import DevCluster
+
+    c = DevCluster(Path(directory).absolute())
+    if not c.conf.exists():
+        from cephvol.errors import NotFound
+
+        raise NotFound(f"no dev-cluster in {directory}; run 'cephvol dev-cluster up' first")
+    click.echo(c.describe()["env"])
+
+
+def _check_addr(addr: str) -> None:
+    import ipaddress
+
+    try:
+        ipaddress.IPv4Address(addr)
+    except ValueError as exc:
+        raise UsageError(f"--addr {addr!r} is not an IPv4 address") from exc
+
+
+# -- entry point -----------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI; every failure becomes one line on stderr and a documented code."""
+    args = sys.argv[1:] if argv is None else argv
+    as_json = "--json" in args
+    debug = "--debug" in args
+    try:
+        cli.main(args=args, prog_name="cephvol", standalone_mode=False)
+        return 0
+    except click.exceptions.Exit as exc:
+        return int(exc.exit_code)
+    except click.exceptions.Abort:
+        return _fail("aborted", ExitCode.USAGE, as_json)
+    except click.UsageError as exc:
+        return _fail(exc.format_message().splitlines()[0], ExitCode.USAGE, as_json)
+    except CephvolError as exc:
+        if debug:
+            log.debug("error detail", exc_info=True)
+        return _fail(str(exc), exc.exit_code, as_json)
+    except KeyboardInterrupt:
+        return _fail("interrupted", ExitCode.INTERNAL, as_json)
+    except Exception as exc:
+        if debug:
+            log.exception("internal error")
+        return _fail(f"internal error: {type(exc).__name__}: {exc} (rerun with --debug; "
+                     "please report)", ExitCode.INTERNAL, as_json)
+
+
+def _fail(message: str, code: int, as_json: bool) -> int:
+    message = " ".join(message.split())  # one line, always
+    if as_json:
+        click.echo(json.dumps({"error": message, "exit_code": int(code)}))
+    click.echo(f"cephvol: error: {message}", err=True)
+    return int(code)
+
+
+def entry() -> None:
+    sys.exit(main())

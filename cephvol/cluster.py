@@ -1,0 +1,305 @@
+"""Talking to the Ceph cluster through Ceph's own Python bindings.
+
+`rados` and `rbd` are imported lazily inside functions: they pull in librados
+(tens of ms) and `cephvol --version`/`status` must stay fast. Every librados
+and librbd exception is translated here, so nothing above this module sees
+a binding exception (or a traceback) for a cluster problem.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cephvol.errors import (
+    Busy,
+    CephvolError,
+    ClusterError,
+    Conflict,
+    NotFound,
+    StepTimeout,
+    UsageError,
+)
+from cephvol.spec import ImageSpec, format_size
+
+DEFAULT_CONF = Path("/etc/ceph/ceph.conf")
+DEFAULT_CONNECT_TIMEOUT = 15.0
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    """Where the cluster is and who we are. Never holds a secret itself."""
+
+    conf: Path = DEFAULT_CONF
+    client_id: str = "admin"
+    connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
+
+    @classmethod
+    def from_env(
+        cls,
+        conf: str | os.PathLike[str] | None = None,
+        client_id: str | None = None,
+        connect_timeout: float | None = None,
+    ) -> ClusterConfig:
+        conf_path = Path(conf or os.environ.get("CEPH_CONF") or DEFAULT_CONF)
+        cid = client_id or os.environ.get("CEPHVOL_ID") or "admin"
+        if cid.startswith("client."):
+            cid = cid[len("client.") :]
+        timeout = connect_timeout
+        if timeout is None:
+            env = os.environ.get("CEPHVOL_CONNECT_TIMEOUT")
+            try:
+                timeout = float(env) if env else DEFAULT_CONNECT_TIMEOUT
+            except ValueError as exc:
+                raise UsageError(f"CEPHVOL_CONNECT_TIMEOUT={env!r} is not a number") from exc
+        if timeout <= 0:
+            raise UsageError("connect timeout must be greater than zero")
+        return cls(conf_path.absolute(), cid, timeout)
+
+    def check_readable(self) -> None:
+        if not self.conf.exists():
+            raise ClusterError(
+                f"ceph config {self.conf} does not exist", hint="pass --conf or set CEPH_CONF"
+            )
+        if not os.access(self.conf, os.R_OK):
+            raise ClusterError(f"ceph config {self.conf} is not readable")
+
+
+@dataclass
+class ImageInfo:
+    spec: str
+    size: int
+    size_human: str
+    features: list[str]
+    snapshots: list[str]
+    watchers: list[dict[str, Any]] = field(default_factory=list)
+    lockers: list[dict[str, Any]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _translate(exc: BaseException, what: str) -> CephvolError:
+    """Map a binding exception to one of ours, keeping librados' words."""
+    import rados
+    import rbd
+
+    name = type(exc).__name__
+    detail = str(exc).strip() or name
+    if isinstance(exc, rbd.ImageNotFound | rados.ObjectNotFound):
+        return NotFound(f"{what}: not found")
+    if isinstance(exc, rbd.ImageExists | rados.ObjectExists):
+        return Conflict(f"{what}: already exists")
+    if isinstance(exc, rbd.ImageBusy | rados.ObjectBusy):
+        return Busy(f"{what}: image is busy (watched or locked)")
+    if isinstance(exc, rados.TimedOut | rbd.Timeout):
+        return StepTimeout(f"{what}: cluster did not answer in time")
+    if isinstance(exc, rados.PermissionDeniedError | rbd.PermissionError):
+        return ClusterError(f"{what}: permission denied (check the client's cephx caps)")
+    if isinstance(exc, rbd.InvalidArgument | rados.InvalidArgumentError):
+        return UsageError(f"{what}: invalid argument ({detail})")
+    if isinstance(exc, rbd.ImageHasSnapshots):
+        return Busy(f"{what}: image has snapshots; remove them first")
+    return ClusterError(f"{what}: {name}: {detail}")
+
+
+class Cluster:
+    """A connected librados handle; use as a context manager."""
+
+    def __init__(self, cfg: ClusterConfig) -> None:
+        self.cfg = cfg
+        self._rados: Any = None
+
+    def __enter__(self) -> Cluster:
+        self.connect()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def connect(self) -> None:
+        import rados
+
+        self.cfg.check_readable()
+        t = self.cfg.connect_timeout
+        try:
+            # The op timeouts make a dead monitor or OSD an error, not a hang.
+            handle = rados.Rados(
+                conffile=str(self.cfg.conf),
+                rados_id=self.cfg.client_id,
+                conf={
+                    "client_mount_timeout": f"{t:g}",
+                    "rados_mon_op_timeout": f"{t:g}",
+                    "rados_osd_op_timeout": f"{max(t, 30.0):g}",
+                },
+            )
+        except rados.Error as exc:
+            raise ClusterError(f"cannot read ceph config {self.cfg.conf}: {exc}") from exc
+        try:
+            handle.connect(timeout=int(max(1, t)))
+        except rados.Error as exc:
+            handle.shutdown()
+            if isinstance(exc, rados.TimedOut):
+                raise ClusterError(
+                    f"cluster unreachable: no monitor answered within {t:g}s "
+                    f"(conf {self.cfg.conf})"
+                ) from exc
+            if isinstance(exc, rados.PermissionDeniedError):
+                raise ClusterError(
+                    f"authentication as client.{self.cfg.client_id} failed "
+                    "(wrong key or keyring not found)"
+                ) from exc
+            if isinstance(exc, rados.ObjectNotFound):
+                raise ClusterError(
+                    f"cannot connect as client.{self.cfg.client_id}: keyring or monitors "
+                    f"not found (conf {self.cfg.conf})"
+                ) from exc
+            raise ClusterError(f"cannot connect to the cluster: {type(exc).__name__}") from exc
+        self._rados = handle
+
+    def close(self) -> None:
+        if self._rados is not None:
+            self._rados.shutdown()
+            self._rados = None
+
+    @property
+    def rados(self) -> Any:
+        if self._rados is None:
+            raise ClusterError("not connected")
+        return self._rados
+
+    @contextlib.contextmanager
+    def ioctx(self, spec: ImageSpec) -> Iterator[Any]:
+        import rados
+
+        try:
+            if not self.rados.pool_exists(spec.pool):
+                raise NotFound(f"pool {spec.pool!r} does not exist")
+            ctx = self.rados.open_ioctx(spec.pool)
+        except rados.Error as exc:
+            raise _translate(exc, f"pool {spec.pool}") from exc
+        try:
+            if spec.namespace:
+                import rbd
+
+                if not rbd.RBD().namespace_exists(ctx, spec.namespace):
+                    raise NotFound(f"namespace {spec.pool}/{spec.namespace} does not exist")
+                ctx.set_namespace(spec.namespace)
+            yield ctx
+        finally:
+            ctx.close()
+
+    @contextlib.contextmanager
+    def image(self, spec: ImageSpec, *, read_only: bool = True) -> Iterator[Any]:
+        import rados
+        import rbd
+
+        with self.ioctx(spec) as ctx:
+            try:
+                img = rbd.Image(ctx, spec.image, snapshot=spec.snap, read_only=read_only)
+            except (rbd.Error, rados.Error) as exc:
+                raise _translate(exc, f"image {spec}") from exc
+            try:
+                yield img
+            finally:
+                img.close()
+
+    def mon_command(self, cmd: dict[str, Any], inbuf: bytes = b"") -> tuple[int, bytes, str]:
+        ret, out, err = self.rados.mon_command(
+            json.dumps(cmd), inbuf, timeout=int(max(1, self.cfg.connect_timeout))
+        )
+        return ret, out, err
+
+    # -- image operations -------------------------------------------------
+
+    def create_image(self, spec: ImageSpec, size: int) -> bool:
+        """Create the image; True if created, False if it already existed as asked.
+
+        Idempotent on purpose: ExecStartPre may run `create` on every start.
+        Existing with another size is a Conflict, never a silent resize.
+        """
+        import rados
+        import rbd
+
+        if spec.snap:
+            raise UsageError(f"cannot create a snapshot spec {spec}; give POOL/IMAGE")
+        with self.ioctx(spec) as ctx:
+            try:
+                rbd.RBD().create(ctx, spec.image, size, old_format=False)
+                return True
+            except rbd.ImageExists:
+                pass
+            except (rbd.Error, rados.Error) as exc:
+                raise _translate(exc, f"create {spec}") from exc
+        existing = self.image_info(spec).size
+        if existing != size:
+            raise Conflict(
+                f"image {spec} already exists with size {format_size(existing)} "
+                f"({existing} bytes), not {format_size(size)}"
+            )
+        return False
+
+    def image_info(self, spec: ImageSpec) -> ImageInfo:
+        import rados
+        import rbd
+
+        with self.image(spec) as img:
+            try:
+                size = img.size()
+                feats = rbd.RBD().features_to_string(img.features()).split(",")
+                snaps = [s["name"] for s in img.list_snaps()]
+                watchers = [dict(w) for w in img.watchers_list()]
+                lockers_raw = img.list_lockers()
+            except (rbd.Error, rados.Error) as exc:
+                raise _translate(exc, f"image {spec}") from exc
+        lockers: list[dict[str, Any]] = []
+        if lockers_raw:
+            for client, cookie, addr in lockers_raw.get("lockers", []):
+                lockers.append(
+                    {"client": client, "cookie": cookie, "address": addr,
+                     "exclusive": bool(lockers_raw.get("exclusive"))}
+                )
+        return ImageInfo(
+            spec=str(spec),
+            size=size,
+            size_human=format_size(size),
+            features=[f for f in feats if f],
+            snapshots=snaps,
+            watchers=watchers,
+            lockers=lockers,
+        )
+
+    def list_images(self, spec_pool: ImageSpec) -> list[str]:
+        import rados
+        import rbd
+
+        with self.ioctx(spec_pool) as ctx:
+            try:
+                return sorted(rbd.RBD().list(ctx))
+            except (rbd.Error, rados.Error) as exc:
+                raise _translate(exc, f"pool {spec_pool.pool}") from exc
+
+    def remove_image(self, spec: ImageSpec) -> None:
+        """Remove an image; refuses while any client watches or locks it."""
+        import rados
+        import rbd
+
+        if spec.snap:
+            raise UsageError("refusing to remove a snapshot spec; give POOL/IMAGE")
+        info = self.image_info(spec)
+        if info.watchers:
+            addrs = ", ".join(w.get("addr", "?") for w in info.watchers)
+            raise Busy(f"image {spec} is in use (mapped or open by {addrs}); detach it first")
+        if info.lockers:
+            owners = ", ".join(f"{lk['client']} ({lk['address']})" for lk in info.lockers)
+            raise Busy(f"image {spec} is locked by {owners}; detach it on that host first")
+        with self.ioctx(spec) as ctx:
+            try:
+                rbd.RBD().remove(ctx, spec.image)
+            except (rbd.Error, rados.Error) as exc:
+                raise _translate(exc, f"remove {spec}") from exc

@@ -1,0 +1,268 @@
+"""Reading the host's kernel state: mountinfo, loop devices, processes.
+
+Every function takes its root (`/proc`, `/sys`, a mountinfo path) as a
+parameter, so the parsing is tested on real recorded trees and outputs. The
+functions only read; changing the host is done elsewhere (proc, fs, backends).
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+PROC = Path("/proc")
+SYS = Path("/sys")
+
+
+def _unescape(field: str) -> str:
+    r"""mountinfo escapes space, tab, newline and backslash as \ooo octal."""
+    out, i = [], 0
+    while i < len(field):
+        if field[i] == "\\" and field[i + 1 : i + 4].isdigit():
+            out.append(chr(int(field[i + 1 : i + 4], 8)))
+            i += 4
+        else:
+            out.append(field[i])
+            i += 1
+    return "".join(out)
+
+
+@dataclass(frozen=True)
+class Mount:
+    mount_id: int
+    parent_id: int
+    major: int
+    minor: int
+    root: str
+    mountpoint: str
+    options: str
+    fstype: str
+    source: str
+
+    @property
+    def devnum(self) -> tuple[int, int]:
+        return (self.major, self.minor)
+
+    @property
+    def read_only(self) -> bool:
+        return "ro" in self.options.split(",")
+
+
+def parse_mountinfo(text: str) -> list[Mount]:
+    """Parse /proc/<pid>/mountinfo (proc(5)); malformed lines are skipped."""
+    mounts = []
+    for line in text.splitlines():
+        left, sep, right = line.partition(" - ")
+        if not sep:
+            continue
+        f = left.split()
+        r = right.split()
+        if len(f) < 6 or len(r) < 2:
+            continue
+        major, _, minor = f[2].partition(":")
+        mounts.append(
+            Mount(
+                mount_id=int(f[0]),
+                parent_id=int(f[1]),
+                major=int(major),
+                minor=int(minor),
+                root=_unescape(f[3]),
+                mountpoint=_unescape(f[4]),
+                options=f[5],
+                fstype=r[0],
+                source=_unescape(r[1]),
+            )
+        )
+    return mounts
+
+
+def read_mounts(mountinfo: Path = PROC / "self" / "mountinfo") -> list[Mount]:
+    return parse_mountinfo(mountinfo.read_text())
+
+
+def mounts_of_device(
+    devnum: tuple[int, int], proc_root: Path = PROC
+) -> dict[str, list[Mount]]:
+    """Every mount of a device in every mount namespace we can see.
+
+    Returns {namespace id: [mounts]}; a device mounted only inside a
+    container's namespace still keeps the device busy, and detach has to say
+    so instead of unmapping under it.
+    """
+    seen: dict[str, list[Mount]] = {}
+    own_ns = _ns_id(proc_root / "self")
+    for pid_dir in _pid_dirs(proc_root):
+        ns = _ns_id(pid_dir)
+        if ns is None or ns in seen:
+            continue
+        try:
+            text = (pid_dir / "mountinfo").read_text()
+        except OSError:
+            continue
+        seen[ns] = [m for m in parse_mountinfo(text) if m.devnum == devnum]
+    if own_ns is not None and own_ns not in seen:
+        seen[own_ns] = [m for m in read_mounts(proc_root / "self" / "mountinfo")
+                        if m.devnum == devnum]
+    return {ns: ms for ns, ms in seen.items() if ms}
+
+
+def _ns_id(pid_dir: Path) -> str | None:
+    try:
+        return os.readlink(pid_dir / "ns" / "mnt")
+    except OSError:
+        return None
+
+
+def _pid_dirs(proc_root: Path) -> Iterable[Path]:
+    try:
+        names = os.listdir(proc_root)
+    except OSError:
+        return []
+    return [proc_root / n for n in names if n.isdigit()]
+
+
+@dataclass(frozen=True)
+class LoopDevice:
+    name: str  # loop3
+    major: int
+    minor: int
+    backing_file: str
+    read_only: bool
+
+    @property
+    def path(self) -> str:
+        return f"/dev/{self.name}"
+
+
+def read_loop_devices(sys_root: Path = SYS) -> list[LoopDevice]:
+    """Bound loop devices from /sys/block/loop*/loop/backing_file."""
+    out = []
+    block = sys_root / "block"
+    try:
+        names = sorted(os.listdir(block))
+    except OSError:
+        return []
+    for name in names:
+        if not name.startswith("loop"):
+            continue
+        d = block / name
+        try:
+            backing = (d / "loop" / "backing_file").read_text().rstrip("\n")
+            major, minor = (d / "dev").read_text().strip().split(":")
+            ro = (d / "ro").read_text().strip() == "1"
+        except (OSError, ValueError):
+            continue  # unbound loop devices have no loop/ directory
+        out.append(LoopDevice(name, int(major), int(minor), backing, ro))
+    return out
+
+
+def block_holders(name: str, sys_root: Path = SYS) -> list[str]:
+    """Kernel-level users of a block device (device-mapper, md, ...)."""
+    try:
+        return sorted(os.listdir(sys_root / "block" / name / "holders"))
+    except OSError:
+        return []
+
+
+@dataclass(frozen=True)
+class Holder:
+    pid: int
+    command: str
+    what: str  # "open fd", "cwd", "root"
+
+
+def processes_using(
+    devnum: tuple[int, int] | None = None,
+    under: str | None = None,
+    proc_root: Path = PROC,
+) -> list[Holder]:
+    """Processes holding the block device open, or a file / cwd below a path.
+
+    This is what `fuser -m` does, done here so the message can name the
+    holders without depending on psmisc's output format.
+    """
+    me = os.getpid()
+    found: list[Holder] = []
+    prefix = under.rstrip("/") + "/" if under else None
+    for pid_dir in _pid_dirs(proc_root):
+        pid = int(pid_dir.name)
+        if pid == me:
+            continue
+        hit = None
+        for link_name in ("cwd", "root"):
+            if prefix and _link_under(pid_dir / link_name, prefix):
+                hit = link_name
+        if hit is None:
+            try:
+                fds = os.listdir(pid_dir / "fd")
+            except OSError:
+                fds = []
+            for fd in fds:
+                p = pid_dir / "fd" / fd
+                if prefix and _link_under(p, prefix):
+                    hit = "open file"
+                    break
+                if devnum is not None:
+                    try:
+                        st = os.stat(p)
+                    except OSError:
+                        continue
+                    if stat.S_ISBLK(st.st_mode) and (
+                        os.major(st.st_rdev), os.minor(st.st_rdev)) == devnum:
+                        hit = "open device"
+                        break
+        if hit:
+            found.append(Holder(pid, _comm(pid_dir), hit))
+    return found
+
+
+def _link_under(link: Path, prefix: str) -> bool:
+    try:
+        target = os.readlink(link)
+    except OSError:
+        return False
+    return (target + "/").startswith(prefix)
+
+
+def _comm(pid_dir: Path) -> str:
+    try:
+        return (pid_dir / "comm").read_text().strip()
+    except OSError:
+        return "?"
+
+
+def find_processes(comm: str, arg: str, proc_root: Path = PROC) -> list[int]:
+    """Pids of live processes named `comm` whose argv contains `arg` exactly."""
+    pids = []
+    for pid_dir in _pid_dirs(proc_root):
+        if _comm(pid_dir) != comm:
+            continue
+        try:
+            argv = (pid_dir / "cmdline").read_bytes().split(b"\0")
+            state = (pid_dir / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if state in ("Z", "X"):
+            continue
+        if arg.encode() in argv:
+            pids.append(int(pid_dir.name))
+    return sorted(pids)
+
+
+def device_number(path: str) -> tuple[int, int]:
+    st = os.stat(path)
+    if not stat.S_ISBLK(st.st_mode):
+        raise ValueError(f"{path} is not a block device")
+    return (os.major(st.st_rdev), os.minor(st.st_rdev))
+
+
+def pid_alive(pid: int, proc_root: Path = PROC) -> bool:
+    """True for a live process; a zombie is dead (this host's PID 1 reaps late)."""
+    try:
+        stat_line = (proc_root / str(pid) / "stat").read_text()
+    except OSError:
+        return False
+    return stat_line.rsplit(")", 1)[1].split()[0] not in ("Z", "X")

@@ -1,0 +1,350 @@
+"""attach / detach / status: the volume lifecycle on one host.
+
+attach = map -> (mkfs only if empty) -> (fsck) -> mount, each step journalled
+after it is done; detach = plan from what the host shows, then run the plan.
+The library never prints; it returns results and raises CephvolErrors.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cephvol import fs, hostfs
+from cephvol.cleanup import Observed, Step, plan_detach
+from cephvol.cluster import Cluster, ClusterConfig
+from cephvol.errors import Busy, Conflict, UsageError
+from cephvol.mapper import (
+    Backend,
+    HostPaths,
+    MapOptions,
+    Mapping,
+    all_backends,
+    make_backend,
+    select_backend,
+)
+from cephvol.spec import ImageSpec, parse_spec
+from cephvol.state import StateStore, VolumeState
+
+CRASH_ENV = "CEPHVOL_TEST_CRASH_AT"  # test hook: SIGKILL ourselves at a named step
+
+
+@dataclass
+class Host:
+    """Everything attach/detach need to know about where they run."""
+
+    cfg: ClusterConfig
+    paths: HostPaths
+    mountinfo: Path = Path("/proc/self/mountinfo")
+
+    @property
+    def store(self) -> StateStore:
+        return StateStore(self.paths.state_dir)
+
+    def mounts(self) -> list[hostfs.Mount]:
+        return hostfs.read_mounts(self.mountinfo)
+
+
+@dataclass
+class AttachRequest:
+    spec: ImageSpec
+    mountpoint: Path | None = None
+    backend: str = "auto"
+    options: MapOptions = field(default_factory=MapOptions)
+    fstype: str | None = None  # None: keep what is there, ext4 for a new filesystem
+    mkfs: bool = True
+    mkfs_options: list[str] = field(default_factory=list)
+    fsck: str = "auto"
+    mount_options: list[str] = field(default_factory=list)
+
+
+def _crash_point(step: str) -> None:
+    if os.environ.get(CRASH_ENV) == step:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _find_mapping(host: Host, spec: ImageSpec) -> tuple[Backend, Mapping] | None:
+    for b in all_backends(host.paths, host.cfg):
+        if b.name != "fuse" and not b.support().ok:
+            continue
+        m = b.find(spec)
+        if m is not None:
+            return b, m
+    return None
+
+
+def attach(host: Host, req: AttachRequest) -> dict[str, Any]:
+    spec = req.spec
+    req.options.validate()
+    read_only = req.options.read_only or spec.read_only
+    opts = MapOptions(**{**req.options.__dict__, "read_only": read_only})
+    if req.fstype:
+        fs.validate_fstype(req.fstype)
+    if req.fsck not in fs.FSCK_MODES:
+        raise UsageError(f"--fsck must be one of {', '.join(fs.FSCK_MODES)}")
+    store = host.store
+    with store.lock(spec.key):
+        st = store.load(spec.key)
+        found = _find_mapping(host, spec)
+        mp = str(req.mountpoint) if req.mountpoint else None
+        if st and st.mountpoint and mp and st.mountpoint != mp:
+            raise Conflict(f"{spec} is already attached at {st.mountpoint}; detach it first")
+        if found and found[1].device and st is None:
+            raise Busy(f"{spec} is already mapped at {found[1].device} ({found[0].name}) "
+                       "but not by cephvol; unmap it first or use that device")
+        if found and st and st.phase == "attached" and found[1].device == st.device:
+            mounted = _mounted_at(host, st.device, st.mountpoint) if st.mountpoint else True
+            if mounted:
+                return _result(st, already=True)
+        # fresh attach, or finishing one that was interrupted
+        with Cluster(host.cfg) as cluster:
+            cluster.image_info(spec)  # pool, namespace, image and snapshot must exist
+        if found:
+            backend = found[0]
+        else:
+            backend = select_backend(req.backend, host.paths, host.cfg)
+        if st is None:
+            st = VolumeState(spec=str(spec), conf=str(host.cfg.conf),
+                             client_id=host.cfg.client_id, backend=backend.name,
+                             mountpoint=mp, read_only=read_only)
+            store.save(spec.key, st)
+        _crash_point("journal")
+        mapping = backend.map(spec, opts)
+        st.backend, st.device, st.backend_id = backend.name, mapping.device, mapping.backend_id
+        st.extra = dict(mapping.extra)
+        _done(store, spec, st, "map")
+        _crash_point("map")
+        if mp or (req.mkfs and not read_only and "mkfs" not in st.steps):
+            _ensure_filesystem(host, backend, spec, st, req, read_only)
+        if mp:
+            assert req.mountpoint is not None
+            if not _mounted_at(host, st.device, mp):
+                fs.ensure_mountpoint(req.mountpoint,
+                                     [m.mountpoint for m in host.mounts()])
+                _crash_point("mkdir")
+                assert st.fstype
+                fs.fsck(st.device or "", st.fstype, "skip" if read_only else req.fsck)
+                fs.mount(st.device or "", req.mountpoint, st.fstype, req.mount_options,
+                         read_only)
+            _done(store, spec, st, "mount")
+            _crash_point("mount")
+        st.phase = "attached"
+        store.save(spec.key, st)
+        return _result(st, already=False)
+
+
+def _ensure_filesystem(host: Host, backend: Backend, spec: ImageSpec, st: VolumeState,
+                       req: AttachRequest, read_only: bool) -> None:
+    # re-find the mapping right before probing: the device we format must be
+    # the one the kernel says is this image, now, not a name we saw earlier
+    current = backend.find(spec)
+    if current is None or current.device != st.device or not st.device:
+        raise Conflict(f"mapping of {spec} changed under us (expected {st.device}); "
+                       "not formatting; run detach and attach again")
+    p = fs.probe(st.device)
+    if p.kind == "empty":
+        if read_only or not req.mkfs:
+            raise UsageError(f"{spec} holds no filesystem and is mapped read-only or "
+                             "--no-mkfs was given; nothing to mount")
+        fstype = req.fstype or "ext4"
+        st.steps.append("mkfs-started")
+        host.store.save(spec.key, st)
+        fs.mkfs(st.device, fstype, req.mkfs_options)
+        st.fstype = fstype
+        st.extra["created_filesystem"] = True
+        _done(host.store, spec, st, "mkfs")
+        _crash_point("mkfs")
+    elif p.kind == "filesystem":
+        if req.fstype and p.fstype != req.fstype:
+            raise Conflict(f"{st.device} ({spec}) holds {p.fstype}, not {req.fstype}; "
+                           "not formatting it")
+        if p.fstype not in fs.FSTYPES:
+            raise Conflict(f"{spec} holds {p.fstype}; cephvol mounts only "
+                           f"{' and '.join(fs.FSTYPES)}")
+        st.fstype = p.fstype
+    else:
+        from cephvol.errors import Unsafe
+
+        raise Unsafe(f"{spec} ({st.device}) holds {p.detail or p.kind}, not a filesystem; "
+                     "refusing to format or mount it")
+
+
+def _done(store: StateStore, spec: ImageSpec, st: VolumeState, step: str) -> None:
+    if step not in st.steps:
+        st.steps.append(step)
+    store.save(spec.key, st)
+
+
+def _mounted_at(host: Host, device: str | None, mountpoint: str | None) -> bool:
+    if not device or not mountpoint:
+        return False
+    try:
+        dev = hostfs.device_number(device)
+    except (OSError, ValueError):
+        return False
+    return any(m.mountpoint == mountpoint and m.devnum == dev for m in host.mounts())
+
+
+def _result(st: VolumeState, *, already: bool) -> dict[str, Any]:
+    return {
+        "image": st.spec,
+        "device": st.device,
+        "mountpoint": st.mountpoint,
+        "backend": st.backend,
+        "backend_id": st.backend_id,
+        "fstype": st.fstype,
+        "read_only": st.read_only,
+        "created_filesystem": bool(st.extra.get("created_filesystem")) and not already,
+        "already_attached": already,
+    }
+
+
+# -- detach ---------------------------------------------------------------------
+
+
+def observe(host: Host, spec: ImageSpec) -> tuple[Observed, Backend | None, Mapping | None]:
+    st = host.store.load(spec.key)
+    found = _find_mapping(host, spec)
+    backend, mapping = found if found else (None, None)
+    device = mapping.device if mapping else ""
+    own: list[hostfs.Mount] = []
+    foreign: dict[str, list[hostfs.Mount]] = {}
+    pids: dict[str, int] = {}
+    if device:
+        try:
+            devnum = hostfs.device_number(device)
+        except (OSError, ValueError):
+            devnum = None
+        if devnum:
+            own = [m for m in host.mounts() if m.devnum == devnum]
+            own_ns = os.readlink(host.paths.proc_root / "self" / "ns" / "mnt")
+            for ns, (pid, ms) in _mounts_by_ns(devnum, host.paths.proc_root).items():
+                if ns != own_ns:
+                    foreign[ns] = ms
+                    pids[ns] = pid
+    obs = Observed(key=spec.key, journal_present=st is not None, device=device,
+                   mapped=mapping is not None, own_mounts=own, foreign_mounts=foreign,
+                   foreign_pids=pids)
+    return obs, backend, mapping
+
+
+def _mounts_by_ns(devnum: tuple[int, int], proc_root: Path
+                  ) -> dict[str, tuple[int, list[hostfs.Mount]]]:
+    out: dict[str, tuple[int, list[hostfs.Mount]]] = {}
+    for name in os.listdir(proc_root):
+        if not name.isdigit():
+            continue
+        try:
+            ns = os.readlink(proc_root / name / "ns" / "mnt")
+        except OSError:
+            continue
+        if ns in out:
+            continue
+        try:
+            ms = [m for m in hostfs.parse_mountinfo((proc_root / name / "mountinfo").read_text())
+                  if m.devnum == devnum]
+        except OSError:
+            continue
+        out[ns] = (int(name), ms)
+    return {ns: v for ns, v in out.items() if v[1]}
+
+
+def detach(host: Host, spec: ImageSpec, *, force: bool = False,
+           lazy: bool = False) -> dict[str, Any]:
+    store = host.store
+    with store.lock(spec.key):
+        obs, backend, mapping = observe(host, spec)
+        plan = plan_detach(obs, force=force, lazy=lazy)
+        if not plan:
+            return {"image": str(spec), "detached": False, "steps": [],
+                    "message": "not attached"}
+        st = store.load(spec.key)
+        if st is not None and st.phase != "detaching":
+            st.phase = "detaching"
+            store.save(spec.key, st)
+        done: list[str] = []
+        for step in plan:
+            _run_step(host, spec, step, backend, mapping, force)
+            done.append(f"{step.kind} {step.target}".strip())
+            _crash_point(f"detach-{step.kind}")
+        return {"image": str(spec), "detached": True, "steps": done,
+                "device": obs.device or (st.device if st else None)}
+
+
+def _run_step(host: Host, spec: ImageSpec, step: Step, backend: Backend | None,
+              mapping: Mapping | None, force: bool) -> None:
+    if step.kind == "refuse":
+        raise Busy(step.detail)
+    if step.kind == "sync":
+        fs.sync_fs(step.target)
+    elif step.kind == "umount":
+        try:
+            fs.umount(step.target, lazy=step.detail == "lazy")
+        except Busy as exc:
+            holders = hostfs.processes_using(under=step.target, proc_root=host.paths.proc_root)
+            who = ", ".join(f"pid {h.pid} ({h.command}, {h.what})" for h in holders)
+            raise Busy(f"{step.target} is busy: held by {who or 'an unknown user'}; "
+                       "stop those processes, or pass --lazy") from exc
+    elif step.kind == "check-unused":
+        if step.detail != "skip":
+            _check_unused(host, step.target)
+    elif step.kind == "unmap":
+        assert backend is not None and mapping is not None
+        backend.unmap(mapping, force=force)
+    elif step.kind == "forget":
+        host.store.remove(spec.key)
+
+
+def _check_unused(host: Host, device: str) -> None:
+    devnum = hostfs.device_number(device)
+    name = os.path.basename(device)
+    mounted = [m.mountpoint for m in host.mounts() if m.devnum == devnum]
+    if mounted:
+        raise Busy(f"{device} is still mounted at {', '.join(mounted)}; not unmapping")
+    kernel = hostfs.block_holders(name, host.paths.sys_root)
+    if kernel:
+        raise Busy(f"{device} is held by {', '.join(kernel)}; not unmapping (or --force)")
+    users = hostfs.processes_using(devnum=devnum, proc_root=host.paths.proc_root)
+    if users:
+        who = ", ".join(f"pid {h.pid} ({h.command})" for h in users)
+        raise Busy(f"{device} is open by {who}; not unmapping (or --force)")
+
+
+# -- status ---------------------------------------------------------------------
+
+
+def status(host: Host) -> list[dict[str, Any]]:
+    rows: dict[str, dict[str, Any]] = {}
+    for key in host.store.keys():
+        st = host.store.load(key)
+        if st is None:
+            continue
+        rows[st.spec] = {"image": st.spec, "device": st.device, "mountpoint": st.mountpoint,
+                         "backend": st.backend, "phase": st.phase, "fstype": st.fstype,
+                         "read_only": st.read_only, "mapped": False, "mounted": False}
+    for b in all_backends(host.paths, host.cfg):
+        if b.name != "fuse" and not b.support().ok:
+            continue
+        for m in b.list_mappings():
+            row = rows.setdefault(m.spec, {"image": m.spec, "device": m.device,
+                                           "mountpoint": None, "backend": m.backend,
+                                           "phase": "foreign", "fstype": None,
+                                           "read_only": m.read_only, "mounted": False})
+            row["mapped"] = bool(m.device)
+            row["device"] = m.device or row["device"]
+            if not m.device:
+                row["phase"] = "broken"
+    for row in rows.values():
+        row["mounted"] = _mounted_at(host, row["device"], row["mountpoint"])
+    return [rows[k] for k in sorted(rows)]
+
+
+def backend_for(host: Host, name: str) -> Backend:
+    return make_backend(name, host.paths, host.cfg)
+
+
+def spec_arg(text: str, allow_snap: bool = True) -> ImageSpec:
+    return parse_spec(text, allow_snap=allow_snap)

@@ -1,0 +1,181 @@
+"""The mapper: one interface, several ways to turn an RBD image into a block device.
+
+Backend contract (modelled on os-brick's connect_volume/disconnect_volume):
+
+- `map(spec, opts)` makes the image available as a local block device and
+  returns a `Mapping` whose `device` is a verified block-device path. It is
+  idempotent: if the spec is already mapped (found from the kernel, not
+  from cephvol's journal) the existing mapping is returned, never a second
+  one. On failure it undoes what it did and raises a CephvolError.
+- `unmap(mapping, force)` removes the device. The caller (cleanup) has
+  already checked that nothing mounts or holds it; `force` is passed on only
+  when the operator asked. Unmapping something already gone is not an error.
+- `list_mappings()` reports what the kernel shows, including half-made
+  mappings (`device` empty) left by a crash, so cleanup can finish them.
+- `support()` says whether this host can use the backend, and if not, why.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from abc import ABC, abstractmethod
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+from cephvol.cluster import ClusterConfig
+from cephvol.errors import Unsupported, UsageError
+from cephvol.spec import ImageSpec, parse_spec
+
+BACKEND_NAMES = ("krbd", "nbd", "fuse")
+
+
+@dataclass(frozen=True)
+class MapOptions:
+    read_only: bool = False
+    exclusive: bool = False
+    lock_timeout: int | None = None  # seconds, krbd/nbd exclusive lock wait
+    queue_depth: int | None = None
+    notrim: bool = False
+    io_timeout: int | None = None  # nbd
+    reattach_timeout: int | None = None  # nbd
+
+    def validate(self) -> None:
+        for name in ("lock_timeout", "queue_depth", "io_timeout", "reattach_timeout"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, int) or v <= 0 or v > 86400 * 7):
+                raise UsageError(f"{name.replace('_', '-')} must be a positive whole number")
+        if self.lock_timeout is not None and not self.exclusive:
+            raise UsageError("--lock-timeout only makes sense with --exclusive")
+
+
+@dataclass
+class Mapping:
+    backend: str
+    spec: str
+    device: str  # "" for a half-made mapping found after a crash
+    backend_id: str
+    read_only: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def image_spec(self) -> ImageSpec:
+        return parse_spec(self.spec)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["snapshot"] = self.image_spec.snap
+        return d
+
+
+@dataclass(frozen=True)
+class Support:
+    ok: bool
+    reason: str
+
+
+@dataclass(frozen=True)
+class HostPaths:
+    """Roots of everything a backend reads, so tests can point them elsewhere."""
+
+    state_dir: Path
+    sys_root: Path = Path("/sys")
+    proc_root: Path = Path("/proc")
+    dev_root: Path = Path("/dev")
+
+
+class Backend(ABC):
+    name: ClassVar[str]
+
+    def __init__(self, paths: HostPaths, cfg: ClusterConfig) -> None:
+        self.paths = paths
+        self.cfg = cfg
+
+    @abstractmethod
+    def support(self) -> Support: ...
+
+    @abstractmethod
+    def map(self, spec: ImageSpec, opts: MapOptions) -> Mapping: ...
+
+    @abstractmethod
+    def unmap(self, mapping: Mapping, *, force: bool = False) -> None: ...
+
+    @abstractmethod
+    def list_mappings(self) -> list[Mapping]: ...
+
+    def find(self, spec: ImageSpec) -> Mapping | None:
+        for m in self.list_mappings():
+            if m.spec == str(spec):
+                return m
+        return None
+
+
+def backend_class(name: str) -> type[Backend]:
+    if name == "fuse":
+        from cephvol.backends.fuse import FuseBackend
+
+        return FuseBackend
+    if name == "krbd":
+        from cephvol.backends.krbd import KrbdBackend
+
+        return KrbdBackend
+    if name == "nbd":
+        from cephvol.backends.nbd import NbdBackend
+
+        return NbdBackend
+    raise UsageError(f"unknown backend {name!r}; choose auto, {', '.join(BACKEND_NAMES)}")
+
+
+def make_backend(name: str, paths: HostPaths, cfg: ClusterConfig) -> Backend:
+    return backend_class(name)(paths, cfg)
+
+
+def all_backends(paths: HostPaths, cfg: ClusterConfig) -> list[Backend]:
+    return [make_backend(n, paths, cfg) for n in BACKEND_NAMES]
+
+
+def select_backend(name: str, paths: HostPaths, cfg: ClusterConfig) -> Backend:
+    """`auto`: krbd if the kernel can, else nbd, else fuse; a named one must work."""
+    env = os.environ.get("CEPHVOL_BACKEND")
+    if name == "auto" and env:
+        name = env
+    if name != "auto":
+        b = make_backend(name, paths, cfg)
+        s = b.support()
+        if not s.ok:
+            raise Unsupported(f"backend {name} cannot run on this host: {s.reason}")
+        return b
+    reasons = []
+    for b in all_backends(paths, cfg):
+        s = b.support()
+        if s.ok:
+            return b
+        reasons.append(f"{b.name}: {s.reason}")
+    raise Unsupported("no mapping backend works on this host; " + "; ".join(reasons))
+
+
+def find_mapping(spec: ImageSpec, paths: HostPaths, cfg: ClusterConfig) -> Mapping | None:
+    """The mapping of a spec by any backend, as the kernel shows it."""
+    for b in all_backends(paths, cfg):
+        if b.support().ok or b.name == "fuse":
+            m = b.find(spec)
+            if m is not None:
+                return m
+    return None
+
+
+def list_all(paths: HostPaths, cfg: ClusterConfig) -> list[Mapping]:
+    out: list[Mapping] = []
+    for b in all_backends(paths, cfg):
+        out.extend(b.list_mappings())
+    return out
+
+
+_DEV_NAME = re.compile(r"^/dev/[A-Za-z0-9]+$")
+
+
+def check_device_path(device: str) -> str:
+    if not _DEV_NAME.match(device):
+        raise UsageError(f"not a device path: {device!r}")
+    return device

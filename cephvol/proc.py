@@ -1,0 +1,82 @@
+"""The one place cephvol starts host commands.
+
+Every call is an argv list (no shell), has a timeout, and on failure raises
+with the command's own stderr in the message, because "mount failed" without
+the kernel's reason sends operators to dmesg for nothing. Secrets never go in
+argv: callers pass them through files or the kernel keyring instead.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from cephvol.errors import NotFound, StepTimeout, SystemCommandError
+
+DEFAULT_TIMEOUT = 60.0
+
+
+@dataclass(frozen=True)
+class Result:
+    argv: tuple[str, ...]
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def _last_line(text: str) -> str:
+    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
+    return lines[-1] if lines else ""
+
+
+def run(
+    argv: Sequence[str],
+    *,
+    timeout: float = DEFAULT_TIMEOUT,
+    check: bool = True,
+    env: Mapping[str, str] | None = None,
+    input_text: str | None = None,
+) -> Result:
+    """Run argv, capture output, and turn failure into a CephvolError.
+
+    With check=False a non-zero exit is returned as data, for commands whose
+    exit code carries meaning (blkid's 2 = "nothing found").
+    """
+    full_env = None
+    if env is not None:
+        full_env = dict(os.environ)
+        full_env.update(env)
+    try:
+        cp = subprocess.run(
+            list(argv),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env=full_env,
+            input=input_text,
+            stdin=None if input_text is not None else subprocess.DEVNULL,
+            check=False,
+        )
+    except FileNotFoundError as exc:
+        raise NotFound(
+            f"command not found: {argv[0]}", hint="run scripts/setup or install it"
+        ) from exc
+    except subprocess.TimeoutExpired as exc:
+        raise StepTimeout(f"{argv[0]} did not finish within {timeout:g}s") from exc
+    res = Result(tuple(argv), cp.returncode, cp.stdout, cp.stderr)
+    if check and cp.returncode != 0:
+        why = _last_line(cp.stderr) or _last_line(cp.stdout) or "no output"
+        raise SystemCommandError(f"{_describe(argv)} failed (exit {cp.returncode}): {why}")
+    return res
+
+
+def _describe(argv: Sequence[str]) -> str:
+    """Program plus its first non-option word: 'losetup', 'rbd-nbd map', ..."""
+    words = [argv[0].rsplit("/", 1)[-1]]
+    for a in argv[1:]:
+        if a.replace("-", "").isalpha():
+            words.append(a)
+            break
+    return " ".join(words)
