@@ -96,8 +96,7 @@ def attach(host: Host, req: AttachRequest) -> dict[str, Any]:
             raise Busy(f"{spec} is already mapped at {found[1].device} ({found[0].name}) "
                        "but not by cephvol; unmap it first or use that device")
         if found and st and st.phase == "attached" and found[1].device == st.device:
-            mounted = _mounted_at(host, st.device, st.mountpoint) if st.mountpoint else True
-            if mounted:
+            if mp is None or (st.mountpoint == mp and _mounted_at(host, st.device, mp)):
                 return _result(st, already=True)
         # fresh attach, or finishing one that was interrupted
         with Cluster(host.cfg) as cluster:
@@ -110,6 +109,9 @@ def attach(host: Host, req: AttachRequest) -> dict[str, Any]:
             st = VolumeState(spec=str(spec), conf=str(host.cfg.conf),
                              client_id=host.cfg.client_id, backend=backend.name,
                              mountpoint=mp, read_only=read_only)
+            store.save(spec.key, st)
+        elif mp and st.mountpoint is None:
+            st.mountpoint = mp  # mapped earlier without a mount; mount it now
             store.save(spec.key, st)
         _crash_point("journal")
         mapping = backend.map(spec, opts)

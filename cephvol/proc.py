@@ -72,11 +72,13 @@ def run(
     return res
 
 
+# subcommands worth naming in an error ("rbd-nbd map failed"); option values
+# cannot be told from subcommands without knowing each tool's options
+_SUBCOMMANDS = frozenset({"map", "unmap", "list-mapped", "attach", "detach"})
+
+
 def _describe(argv: Sequence[str]) -> str:
-    """Program plus its first non-option word: 'losetup', 'rbd-nbd map', ..."""
+    """Program plus its subcommand, if it has a known one: 'losetup', 'rbd-nbd map'."""
     words = [argv[0].rsplit("/", 1)[-1]]
-    for a in argv[1:]:
-        if a.replace("-", "").isalpha():
-            words.append(a)
-            break
+    words += [a for a in argv[1:] if a in _SUBCOMMANDS][:1]
     return " ".join(words)

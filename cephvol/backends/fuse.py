@@ -18,12 +18,23 @@ import time
 from pathlib import Path
 
 from cephvol import proc
-from cephvol.errors import NotFound, StepTimeout, SystemCommandError, Unsupported
+from cephvol.errors import (
+    ClusterError,
+    NotFound,
+    StepTimeout,
+    SystemCommandError,
+    Unsupported,
+)
 from cephvol.hostfs import find_processes, pid_alive, read_loop_devices, read_mounts
 from cephvol.mapper import Backend, MapOptions, Mapping, Support
 from cephvol.spec import ImageSpec, spec_from_key
 
 FSTYPE = "fuse.rbd-fuse"
+
+
+# rbd-fuse's stderr when the monitors are unreachable or refuse us
+_CONNECT_FAILURES = ("failed to fetch mon config", "error connecting to the cluster",
+                     "timed out", "authenticate")
 
 
 class FuseBackend(Backend):
@@ -97,7 +108,13 @@ class FuseBackend(Backend):
             argv += ["-s", spec.namespace]
         argv += ["-r", spec.image, f"--client_mount_timeout={t:g}", str(fuse_dir)]
         try:
-            proc.run(argv, timeout=t + 15)
+            try:
+                proc.run(argv, timeout=t + 15)
+            except SystemCommandError as exc:
+                if any(s in str(exc) for s in _CONNECT_FAILURES):
+                    raise ClusterError(f"rbd-fuse could not reach the cluster in {t:g}s "
+                                       f"(config {self.cfg.conf}): {exc}") from exc
+                raise
             image_file = self._verify_file(fuse_dir, spec)
             ro = ["--read-only"] if opts.read_only else []
             res = proc.run(["losetup", "--find", "--show", "--direct-io=on", *ro,
@@ -140,7 +157,17 @@ class FuseBackend(Backend):
             if mapping.extra.get("fuse_pid"):
                 proc.run(["blockdev", "--flushbufs", mapping.device], timeout=60, check=False)
             proc.run(["losetup", "-d", mapping.device], timeout=30, check=False)
-            self._wait_loop_gone(mapping.backend_id)
+            try:
+                self._wait_loop_gone(mapping.backend_id, timeout=3.0 if force else 10.0)
+            except StepTimeout:
+                if not force:
+                    raise
+                # Forced while a process still holds the loop device open: the
+                # kernel set autoclear, so the loop goes when the last opener
+                # closes it. Detach rbd-fuse lazily; it keeps serving that
+                # opener and exits (flushing librbd's cache) once released.
+                self._teardown_fuse(fuse_dir, lazy=True)
+                return
         self._teardown_fuse(fuse_dir)
 
     def _wait_loop_gone(self, name: str, timeout: float = 10.0) -> None:
@@ -152,16 +179,21 @@ class FuseBackend(Backend):
         raise StepTimeout(f"loop device {name} still bound {timeout:g}s after losetup -d "
                           "(something still holds it open)")
 
-    def _teardown_fuse(self, fuse_dir: Path) -> None:
-        """Unmount rbd-fuse and wait for it to exit, so librbd has flushed."""
+    def _teardown_fuse(self, fuse_dir: Path, *, lazy: bool = False) -> None:
+        """Unmount rbd-fuse and wait for it to exit, so librbd has flushed.
+
+        `lazy` detaches the mount while something still uses it and does not
+        wait for rbd-fuse to exit (it exits when the last user goes).
+        """
         pids = find_processes("rbd-fuse", str(fuse_dir), self.paths.proc_root)
         mounted = any(m.mountpoint == str(fuse_dir) and m.fstype == FSTYPE
                       for m in read_mounts(self.paths.proc_root / "self" / "mountinfo"))
         if mounted:
             fusermount = shutil.which("fusermount3") or "fusermount"
             delay = 0.05
+            argv = [fusermount, "-u", *(["-z"] if lazy else []), str(fuse_dir)]
             for attempt in range(8):
-                res = proc.run([fusermount, "-u", str(fuse_dir)], timeout=30, check=False)
+                res = proc.run(argv, timeout=30, check=False)
                 if res.returncode == 0:
                     break
                 if attempt == 7:
@@ -169,6 +201,8 @@ class FuseBackend(Backend):
                         f"cannot unmount rbd-fuse at {fuse_dir}: {res.stderr.strip()}")
                 time.sleep(delay)  # the loop device may release the file a moment late
                 delay *= 2
+        if lazy:
+            return
         end = time.monotonic() + 60
         for pid in pids:
             while pid_alive(pid, self.paths.proc_root) and time.monotonic() < end:
