@@ -1,0 +1,23 @@
+# The README's two commands: `make demo` and `make test`. Both set up first.
+.PHONY: setup demo test test-unit test-integration lint bench
+
+setup:
+	./scripts/setup
+
+demo: setup
+	./scripts/demo
+
+lint: setup
+	.venv/bin/ruff check cephvol tests $(wildcard bench)
+
+test: setup lint
+	.venv/bin/pytest -q
+
+test-unit: setup
+	.venv/bin/pytest -q -m "not integration and not vm"
+
+test-integration: setup
+	.venv/bin/pytest -q -m integration
+
+bench: setup
+	.venv/bin/python -m bench
