@@ -1,0 +1,225 @@
+"""attach/detach end to end on real devices: rbd-fuse, loop, ext4/xfs, mounts."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import CephCluster
+
+
+def _sha(p: Path) -> str:
+    return hashlib.sha256(p.read_bytes()).hexdigest()
+
+
+def _attach(cluster: CephCluster, image: str, mnt: Path, *extra: str) -> dict:
+    cp = cluster.cli("attach", image, "--mountpoint", str(mnt), "--json", *extra)
+    assert cp.returncode == 0, cp.stderr
+    return json.loads(cp.stdout)
+
+
+def test_round_trip_with_checksum(cluster: CephCluster, image: str, mnt: Path) -> None:
+    cluster.cli("create", image, "--size", "256M", check=True)
+    res = _attach(cluster, image, mnt)
+    assert res["backend"] == "fuse" and res["device"].startswith("/dev/loop")
+    assert res["created_filesystem"] is True and res["fstype"] == "ext4"
+    assert os.path.ismount(mnt)
+    data = os.urandom(8 << 20)
+    (mnt / "data.bin").write_bytes(data)
+    want = hashlib.sha256(data).hexdigest()
+    det = json.loads(cluster.cli("detach", image, "--json", check=True).stdout)
+    assert det["detached"] is True
+    assert not os.path.ismount(mnt)
+    again = _attach(cluster, image, mnt)
+    assert again["created_filesystem"] is False
+    assert _sha(mnt / "data.bin") == want
+    cluster.cli("detach", image, check=True)
+
+
+def test_attach_twice_returns_same_device_and_detach_twice_is_noop(
+        cluster: CephCluster, image: str, mnt: Path) -> None:
+    cluster.cli("create", image, "--size", "64M", check=True)
+    a = _attach(cluster, image, mnt)
+    b = _attach(cluster, image, mnt)
+    assert b["device"] == a["device"] and b["already_attached"] is True
+    other = cluster.cli("attach", image, "--mountpoint", str(mnt) + "-other")
+    assert other.returncode == 5 and "already attached at" in other.stderr
+    st = json.loads(cluster.cli("status", "--json", check=True).stdout)
+    row = next(r for r in st if r["image"] == image)
+    assert row["device"] == a["device"] and row["mounted"] is True
+    assert cluster.cli("detach", image).returncode == 0
+    second = cluster.cli("detach", image, "--json")
+    assert second.returncode == 0 and json.loads(second.stdout)["detached"] is False
+    st = json.loads(cluster.cli("status", "--json", check=True).stdout)
+    assert all(r["image"] != image for r in st)
+
+
+def test_map_only_then_attach_with_mount(cluster: CephCluster, image: str, mnt: Path) -> None:
+    cluster.cli("create", image, "--size", "64M", check=True)
+    dev = cluster.cli("attach", image, "--no-mkfs", check=True).stdout.strip()
+    assert dev.startswith("/dev/loop")
+    probe = subprocess.run(["blkid", "-p", dev], capture_output=True, check=False)
+    assert probe.returncode == 2, "map-only with --no-mkfs must not write a filesystem"
+    cluster.cli("detach", image, check=True)
+
+
+def test_existing_filesystem_of_another_type_is_never_formatted(
+        cluster: CephCluster, image: str, mnt: Path) -> None:
+    cluster.cli("create", image, "--size", "320M", check=True)
+    _attach(cluster, image, mnt, "--fstype", "xfs")
+    (mnt / "keep").write_text("precious")
+    cluster.cli("detach", image, check=True)
+    cp = cluster.cli("attach", image, "--mountpoint", str(mnt), "--fstype", "ext4")
+    assert cp.returncode == 5 and "holds xfs, not ext4" in cp.stderr
+    # without --fstype the existing filesystem is simply mounted
+    res = _attach(cluster, image, mnt)
+    assert res["fstype"] == "xfs" and (mnt / "keep").read_text() == "precious"
+    cluster.cli("detach", image, check=True)
+
+
+def test_partition_table_is_refused_not_formatted(
+        cluster: CephCluster, image: str, mnt: Path) -> None:
+    cluster.cli("create", image, "--size", "64M", check=True)
+    dev = cluster.cli("attach", image, "--no-mkfs", check=True).stdout.strip()
+    subprocess.run(["sfdisk", "-q", dev], input="label: gpt\n,\n", text=True, check=True,
+                   capture_output=True)
+    subprocess.run(["blockdev", "--flushbufs", dev], check=True)
+    before = subprocess.run(["dd", f"if={dev}", "bs=1M", "count=1", "status=none"],
+                            capture_output=True, check=True).stdout
+    cp = cluster.cli("attach", image, "--mountpoint", str(mnt))
+    assert cp.returncode == 10 and "partition table gpt" in cp.stderr
+    after = subprocess.run(["dd", f"if={dev}", "bs=1M", "count=1", "status=none"],
+                           capture_output=True, check=True).stdout
+    assert after == before
+    assert not os.path.ismount(mnt)
+    cluster.cli("detach", image, check=True)
+
+
+def test_busy_mount_names_the_holder_and_keeps_everything(
+        cluster: CephCluster, image: str, mnt: Path) -> None:
+    cluster.cli("create", image, "--size", "64M", check=True)
+    res = _attach(cluster, image, mnt)
+    (mnt / "f").write_text("x")
+    holder = subprocess.Popen(["sleep", "300"], cwd=mnt)
+    try:
+        cp = cluster.cli("detach", image)
+        assert cp.returncode == 4, cp.stderr
+        assert f"pid {holder.pid} (sleep" in cp.stderr
+        assert os.path.ismount(mnt)
+        st = json.loads(cluster.cli("status", "--json", check=True).stdout)
+        assert any(r["image"] == image and r["device"] == res["device"] for r in st)
+    finally:
+        holder.kill()
+        holder.wait()
+    cluster.cli("detach", image, check=True)
+    assert not os.path.ismount(mnt)
+
+
+def test_open_device_is_not_unmapped_without_force(
+        cluster: CephCluster, image: str) -> None:
+    cluster.cli("create", image, "--size", "64M", check=True)
+    dev = cluster.cli("attach", image, "--no-mkfs", check=True).stdout.strip()
+    holder = subprocess.Popen(["sh", "-c", f"exec 3<{dev}; exec sleep 300"])
+    try:
+        time.sleep(0.3)
+        cp = cluster.cli("detach", image)
+        assert cp.returncode == 4 and "is open by" in cp.stderr
+        assert os.path.exists(f"/sys/block/{os.path.basename(dev)}/loop/backing_file")
+    finally:
+        holder.kill()
+        holder.wait()
+    cluster.cli("detach", image, check=True)
+    assert not os.path.exists(f"/sys/block/{os.path.basename(dev)}/loop/backing_file")
+
+
+def test_snapshot_on_fuse_is_a_clear_unsupported(cluster: CephCluster, image: str) -> None:
+    cluster.cli("create", image, "--size", "64M", check=True)
+    cp = cluster.cli("attach", image + "@nosnap", "--backend", "fuse")
+    # the snapshot does not exist: caught before any host change
+    assert cp.returncode == 3, cp.stderr
+
+
+@pytest.mark.parametrize("step", ["journal", "map", "mkfs", "mkdir", "mount"])
+def test_crash_during_attach_is_finished_by_detach(
+        cluster: CephCluster, image: str, mnt: Path, step: str) -> None:
+    cluster.cli("create", image, "--size", "64M", check=True)
+    if step != "mkfs":
+        # put data on it first, so the crash happens on a volume with content
+        _attach(cluster, image, mnt)
+        (mnt / "before").write_text("kept")
+        cluster.cli("detach", image, check=True)
+    cp = cluster.cli("attach", image, "--mountpoint", str(mnt), CEPHVOL_TEST_CRASH_AT=step)
+    if step == "mkfs" or step not in ("mkfs",):
+        assert cp.returncode == -signal.SIGKILL or cp.returncode == 0, cp.stderr
+    det = cluster.cli("detach", image)
+    assert det.returncode == 0, det.stderr
+    assert not os.path.ismount(mnt)
+    assert not (cluster.state_dir / "volumes" / f"rbd,-,{image.split('/')[1]}.json").exists()
+    res = _attach(cluster, image, mnt)
+    if step != "mkfs":
+        assert (mnt / "before").read_text() == "kept"
+    cluster.cli("detach", image, check=True)
+    assert res["device"]
+
+
+@pytest.mark.parametrize("step", ["detach-sync", "detach-umount", "detach-check-unused",
+                                  "detach-unmap"])
+def test_crash_during_detach_is_finished_by_detach(
+        cluster: CephCluster, image: str, mnt: Path, step: str) -> None:
+    cluster.cli("create", image, "--size", "64M", check=True)
+    _attach(cluster, image, mnt)
+    payload = os.urandom(1 << 20)
+    (mnt / "p").write_bytes(payload)
+    cp = cluster.cli("detach", image, CEPHVOL_TEST_CRASH_AT=step)
+    assert cp.returncode == -signal.SIGKILL
+    assert cluster.cli("detach", image).returncode == 0
+    assert not os.path.ismount(mnt)
+    _attach(cluster, image, mnt)
+    assert (mnt / "p").read_bytes() == payload
+    cluster.cli("detach", image, check=True)
+
+
+def test_killed_rbd_fuse_is_cleaned_up(cluster: CephCluster, image: str) -> None:
+    cluster.cli("create", image, "--size", "64M", check=True)
+    cluster.cli("attach", image, "--no-mkfs", check=True)
+    st = json.loads(cluster.cli("status", "--json", check=True).stdout)
+    row = next(r for r in st if r["image"] == image)
+    fuse_dir = cluster.state_dir / "fuse" / f"rbd,-,{image.split('/')[1]}"
+    pids = subprocess.run(["pgrep", "-f", f"rbd-fuse .*{fuse_dir}"], capture_output=True,
+                          text=True, check=False).stdout.split()
+    assert pids
+    for p in pids:
+        os.kill(int(p), signal.SIGKILL)
+    time.sleep(0.5)
+    det = cluster.cli("detach", image)
+    assert det.returncode == 0, det.stderr
+    assert not fuse_dir.exists()
+    assert row["device"]
+
+
+def test_fuse_unreachable_monitor_fails_fast(cluster: CephCluster, image: str,
+                                             tmp_path: Path) -> None:
+    from cephvol.backends.fuse import FuseBackend
+    from cephvol.cluster import ClusterConfig
+    from cephvol.errors import ClusterError
+    from cephvol.mapper import HostPaths, MapOptions
+    from cephvol.spec import parse_spec
+
+    cluster.cli("create", image, "--size", "64M", check=True)
+    bad = tmp_path / "ceph.conf"
+    bad.write_text("\n".join(("mon host = 127.0.0.1:9" if ln.startswith("mon host") else ln)
+                             for ln in cluster.conf.read_text().splitlines()) + "\n")
+    b = FuseBackend(HostPaths(tmp_path / "state"), ClusterConfig(bad, "admin", 2.0))
+    t0 = time.monotonic()
+    with pytest.raises(ClusterError, match="rbd-fuse could not reach the cluster"):
+        b.map(parse_spec(image), MapOptions())
+    assert time.monotonic() - t0 < 20
+    assert b.list_mappings() == []
+    assert not any((tmp_path / "state" / "fuse").iterdir())
