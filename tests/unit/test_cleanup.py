@@ -1,0 +1,65 @@
+"""The detach planner, over every state a crash can leave."""
+
+from __future__ import annotations
+
+from cephvol.cleanup import Observed, Step, plan_detach
+from cephvol.hostfs import Mount
+
+
+def _m(mp: str) -> Mount:
+    return Mount(100, 1, 7, 3, "/", mp, "rw,relatime", "ext4", "/dev/loop3")
+
+
+def _kinds(steps: list[Step]) -> list[str]:
+    return [s.kind for s in steps]
+
+
+def test_nothing_anywhere_is_a_no_op() -> None:
+    assert plan_detach(Observed("rbd,-,a", False, "", False)) == []
+
+
+def test_full_attach_is_undone_in_order() -> None:
+    obs = Observed("rbd,-,a", True, "/dev/loop3", True, own_mounts=[_m("/srv/a")])
+    assert plan_detach(obs) == [
+        Step("sync", "/srv/a"), Step("umount", "/srv/a"),
+        Step("check-unused", "/dev/loop3"), Step("unmap", "/dev/loop3"),
+        Step("forget", "rbd,-,a")]
+
+
+def test_nested_mounts_come_off_deepest_first() -> None:
+    obs = Observed("k", True, "/dev/loop3", True,
+                   own_mounts=[_m("/srv/a"), _m("/srv/a/b/c"), _m("/srv/a/b")])
+    umounts = [s.target for s in plan_detach(obs) if s.kind == "umount"]
+    assert umounts == ["/srv/a/b/c", "/srv/a/b", "/srv/a"]
+
+
+def test_crash_after_map_before_journal_is_still_unmapped() -> None:
+    # the kernel shows a mapping the journal never recorded
+    assert _kinds(plan_detach(Observed("k", False, "/dev/loop3", True))) == [
+        "check-unused", "unmap", "forget"]
+
+
+def test_half_made_mapping_without_device_is_torn_down() -> None:
+    # rbd-fuse mounted, losetup never ran
+    assert plan_detach(Observed("k", True, "", True)) == [Step("unmap", ""), Step("forget", "k")]
+
+
+def test_journal_only_is_forgotten() -> None:
+    assert plan_detach(Observed("k", True, "", False)) == [Step("forget", "k")]
+
+
+def test_mount_in_a_container_namespace_refuses_without_force() -> None:
+    obs = Observed("k", True, "/dev/loop3", True,
+                   foreign_mounts={"mnt:[4026532]": [_m("/data")]},
+                   foreign_pids={"mnt:[4026532]": 4242})
+    (step,) = plan_detach(obs)
+    assert step.kind == "refuse"
+    assert "/data in the mount namespace of pid 4242" in step.detail
+    forced = plan_detach(obs, force=True)
+    assert _kinds(forced) == ["check-unused", "unmap", "forget"]
+    assert forced[0].detail == "skip" and forced[1].detail == "force"
+
+
+def test_lazy_marks_every_umount() -> None:
+    obs = Observed("k", True, "/dev/loop3", True, own_mounts=[_m("/a"), _m("/b")])
+    assert {s.detail for s in plan_detach(obs, lazy=True) if s.kind == "umount"} == {"lazy"}
