@@ -227,13 +227,21 @@ dir_opt = click.option("--dir", "directory", required=True, type=click.Path(file
 
 @dev_cluster.command(name="up")
 @dir_opt
-@click.option("--addr", default="127.0.0.1", show_default=True, help="Address to bind.")
+@click.option("--addr", default="127.0.0.1", show_default=True,
+              help="Address to bind: loopback, or any address inside --netns.")
+@click.option("--netns", help="Run the daemons inside this network namespace (ip netns).")
+@click.option("--expose", is_flag=True,
+              help="Allow a non-loopback --addr outside a namespace (a lab VM's own network).")
 @json_opt
-def dc_up(directory: str, addr: str, as_json: bool) -> None:
+def dc_up(directory: str, addr: str, netns: str | None, expose: bool, as_json: bool) -> None:
     """Create or restart the cluster; return when pool rbd is writable."""
     from cephvol.devcluster import DevCluster
 
-    _check_addr(addr)
+    _check_addr(addr, netns or expose)
+    if netns:
+        from cephvol._os import netns as netns_os
+
+        netns_os.enter(netns)
     res = DevCluster(Path(directory).absolute(), addr).up()
     _emit(res, as_json, res["env"])
     if not as_json:
@@ -275,13 +283,18 @@ def dc_env(directory: str) -> None:
     click.echo(c.describe()["env"])
 
 
-def _check_addr(addr: str) -> None:
+def _check_addr(addr: str, allowed_elsewhere: str | bool | None) -> None:
+    """Loopback only, unless inside a namespace: never expose a dev cluster."""
     import ipaddress
 
     try:
-        ipaddress.IPv4Address(addr)
+        ip = ipaddress.IPv4Address(addr)
     except ValueError as exc:
         raise UsageError(f"--addr {addr!r} is not an IPv4 address") from exc
+    if not ip.is_loopback and not allowed_elsewhere:
+        raise UsageError(f"--addr {addr} is not a loopback address; a dev cluster binds "
+                         "other addresses only inside a network namespace (--netns) "
+                         "or when told to (--expose)")
 
 
 # -- entry point -----------------------------------------------------------------
