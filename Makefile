@@ -1,5 +1,5 @@
 # The README's two commands: `make demo` and `make test`. Both set up first.
-.PHONY: setup demo test test-unit test-integration lint bench
+.PHONY: setup demo test test-unit test-integration test-vm lint bench
 
 setup:
 	./scripts/setup
@@ -18,6 +18,9 @@ test-unit: setup
 
 test-integration: setup
 	.venv/bin/pytest -q -m integration
+
+test-vm: setup
+	.venv/bin/pytest -q -m vm
 
 bench: setup
 	.venv/bin/python -m bench

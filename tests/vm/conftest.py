@@ -1,0 +1,107 @@
+"""Fixtures for tests on the qemu test host (marker `vm`).
+
+One guest, one network namespace and one dev cluster inside that namespace
+per session; all three are torn down at the end, also after failures.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tests.vm.harness import HOST_ADDR, Guest, NetNS, ensure_image, unavailable
+
+CEPHVOL = str(Path(sys.executable).parent / "cephvol")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    here = Path(__file__).parent
+    for item in items:
+        if here in Path(item.fspath).parents:
+            item.add_marker(pytest.mark.vm)
+
+
+@dataclass
+class NsCluster:
+    """The dev cluster inside the guest's network namespace, seen from the host."""
+
+    netns: NetNS
+    directory: Path
+
+    @property
+    def conf(self) -> Path:
+        return self.directory / "ceph.conf"
+
+    def run(self, argv: list[str], timeout: float = 120,
+            in_netns: bool = True) -> subprocess.CompletedProcess[str]:
+        env = dict(os.environ, CEPH_CONF=str(self.conf), CEPHVOL_CONNECT_TIMEOUT="20")
+        return subprocess.run(self.netns.exec_argv(argv) if in_netns else argv,
+                              capture_output=True, text=True, env=env, timeout=timeout,
+                              check=False)
+
+    def cli(self, *args: str) -> str:
+        cp = self.run([CEPHVOL, *args])
+        assert cp.returncode == 0, f"cephvol {' '.join(args)}: {cp.stderr}"
+        return cp.stdout
+
+    def python(self, code: str, *args: str) -> str:
+        cp = self.run([sys.executable, "-c", code, *args])
+        assert cp.returncode == 0, cp.stderr
+        return cp.stdout
+
+    def admin_key(self) -> str:
+        section = ""
+        for line in (self.directory / "keyring").read_text().splitlines():
+            if line.strip().startswith("["):
+                section = line.strip()
+            k, _, v = line.partition("=")
+            if section == "[client.admin]" and k.strip() == "key":
+                return v.strip()
+        raise AssertionError("no client.admin key in the dev cluster keyring")
+
+    def mon_v1(self) -> str:
+        for line in self.conf.read_text().splitlines():
+            if line.startswith("mon host"):
+                return line.split("v1:", 1)[1].rstrip("]").strip()
+        raise AssertionError("no mon host line")
+
+
+@pytest.fixture(scope="session")
+def vm_netns() -> Iterator[NetNS]:
+    why = unavailable()
+    if why:
+        pytest.skip(why)
+    with NetNS() as ns:
+        yield ns
+    assert not Path("/run/netns", ns.name).exists(), f"network namespace {ns.name} left behind"
+
+
+@pytest.fixture(scope="session")
+def vm_cluster(vm_netns: NetNS, tmp_path_factory: pytest.TempPathFactory) -> Iterator[NsCluster]:
+    d = Path(tmp_path_factory.mktemp("vmcluster")) / "cluster"
+    c = NsCluster(vm_netns, d)
+    try:
+        cp = c.run([CEPHVOL, "dev-cluster", "up", "--dir", str(d), "--addr", HOST_ADDR,
+                    "--netns", vm_netns.name], timeout=300, in_netns=False)
+        assert cp.returncode == 0, cp.stderr
+        yield c
+    finally:
+        subprocess.run([CEPHVOL, "dev-cluster", "down", "--dir", str(d)], capture_output=True,
+                       timeout=120, check=False)
+
+
+@pytest.fixture(scope="session")
+def guest(vm_netns: NetNS, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Guest]:
+    image = ensure_image()
+    work = Path(tmp_path_factory.mktemp("guest"))
+    with Guest(image, vm_netns, work) as g:
+        yield g
+    left = subprocess.run(["pgrep", "-f", f"qemu-system.*{work}"], capture_output=True,
+                          text=True, check=False).stdout.split()
+    assert not left, f"qemu left running: {left}"
