@@ -145,12 +145,41 @@ def rm(obj: Ctx, spec: str, as_json: bool) -> None:
 # -- volumes ---------------------------------------------------------------------
 
 
+def map_options(f: Any) -> Any:
+    """The mapping options shared by `attach` and `map`."""
+    opts = [
+        click.option("--backend", default="auto", show_default=True,
+                     type=click.Choice(["auto", "krbd", "nbd", "fuse"]),
+                     help="auto: krbd if the kernel can, else nbd, else fuse."),
+        click.option("--read-only", is_flag=True, help="Map (and mount) read-only."),
+        click.option("--exclusive", is_flag=True,
+                     help="krbd/nbd: hold the image's exclusive lock (refuse a second writer)."),
+        click.option("--lock-timeout", type=int, help="With --exclusive: seconds to wait."),
+        click.option("--queue-depth", type=int, help="krbd: request queue depth."),
+        click.option("--notrim", is_flag=True, help="krbd: turn off discard/trim."),
+        click.option("--io-timeout", type=int, help="nbd: I/O timeout in seconds."),
+        click.option("--reattach-timeout", type=int, help="nbd: reattach timeout in seconds."),
+    ]
+    for o in reversed(opts):
+        f = o(f)
+    return f
+
+
+def _map_opts(kw: dict[str, Any]) -> Any:
+    from cephvol.mapper import MapOptions
+
+    mo = MapOptions(read_only=kw.pop("read_only"), exclusive=kw.pop("exclusive"),
+                    lock_timeout=kw.pop("lock_timeout"), queue_depth=kw.pop("queue_depth"),
+                    notrim=kw.pop("notrim"), io_timeout=kw.pop("io_timeout"),
+                    reattach_timeout=kw.pop("reattach_timeout"))
+    mo.validate()
+    return mo
+
+
 @cli.command()
 @click.argument("spec")
 @click.option("-m", "--mountpoint", help="Mount here; without it the device is only mapped.")
-@click.option("--backend", default="auto", show_default=True,
-              type=click.Choice(["auto", "krbd", "nbd", "fuse"]))
-@click.option("--read-only", is_flag=True, help="Map and mount read-only.")
+@map_options
 @click.option("--fstype", help="Filesystem for a new volume (ext4, xfs); checked on old ones.")
 @click.option("--mkfs/--no-mkfs", default=True, show_default=True,
               help="Make a filesystem if the device holds nothing at all.")
@@ -161,22 +190,22 @@ def rm(obj: Ctx, spec: str, as_json: bool) -> None:
               help="Mount option (repeatable or comma-separated).")
 @json_opt
 @click.pass_obj
-def attach(obj: Ctx, spec: str, mountpoint: str | None, backend: str, read_only: bool,
+def attach(obj: Ctx, spec: str, mountpoint: str | None, backend: str,
            fstype: str | None, mkfs: bool, mkfs_options: tuple[str, ...], fsck: str,
-           mount_options: tuple[str, ...], as_json: bool) -> None:
+           mount_options: tuple[str, ...], as_json: bool, **kw: Any) -> None:
     """Map an image, make a filesystem if it has none, mount it; print the device."""
     from cephvol import lifecycle
-    from cephvol.mapper import MapOptions
     from cephvol.spec import parse_mountpoint
 
     s = _spec(spec)
+    mo = _map_opts(kw)
     mp = Path(str(parse_mountpoint(mountpoint))) if mountpoint is not None else None
     mopts = [o for opt in mount_options for o in opt.split(",") if o]
     for o in mopts:
         if not o.replace("_", "").replace("=", "").replace("-", "").isalnum():
             raise UsageError(f"invalid mount option {o!r}")
     req = lifecycle.AttachRequest(
-        spec=s, mountpoint=mp, backend=backend, options=MapOptions(read_only=read_only),
+        spec=s, mountpoint=mp, backend=backend, options=mo,
         fstype=fstype, mkfs=mkfs, mkfs_options=list(mkfs_options), fsck=fsck,
         mount_options=mopts)
     res = lifecycle.attach(obj.host(), req)
@@ -196,6 +225,70 @@ def detach(obj: Ctx, spec: str, force: bool, lazy: bool, as_json: bool) -> None:
     res = lifecycle.detach(obj.host(), _spec(spec), force=force, lazy=lazy)
     _emit(res, as_json, f"detached {res['image']}" if res["detached"]
           else f"{res['image']}: not attached")
+
+
+@cli.command(name="map")
+@click.argument("spec")
+@map_options
+@json_opt
+@click.pass_obj
+def map_cmd(obj: Ctx, spec: str, backend: str, as_json: bool, **kw: Any) -> None:
+    """Map an image to a block device and print it (no filesystem, no mount)."""
+    from cephvol import lifecycle
+
+    req = lifecycle.AttachRequest(spec=_spec(spec), mountpoint=None, backend=backend,
+                                  options=_map_opts(kw), mkfs=False)
+    res = lifecycle.attach(obj.host(), req)
+    _emit(res, as_json, res["device"])
+
+
+@cli.command()
+@click.argument("spec")
+@click.option("--force", is_flag=True, help="Unmap even if mounted or open (data at risk).")
+@json_opt
+@click.pass_obj
+def unmap(obj: Ctx, spec: str, force: bool, as_json: bool) -> None:
+    """Unmap; refused while the device is mounted (use detach) or open, unless --force."""
+    from cephvol import lifecycle
+
+    res = lifecycle.detach(obj.host(), _spec(spec), force=force, unmount=False)
+    _emit(res, as_json, f"unmapped {res['image']}" if res["detached"]
+          else f"{res['image']}: not mapped")
+
+
+@cli.command()
+@json_opt
+@click.pass_obj
+def showmapped(obj: Ctx, as_json: bool) -> None:
+    """Every mapping of every backend, as the kernel and the backends show them."""
+    from cephvol.mapper import list_all
+
+    host = obj.host()
+    rows = [m.to_dict() for m in list_all(host.paths, host.cfg)]
+    lines = [f"{'BACKEND':7} {'ID':6} {'DEVICE':12} {'RO':3} IMAGE"]
+    for r in rows:
+        lines.append(f"{r['backend']:7} {r['backend_id'] or '-':6} {r['device'] or '-':12} "
+                     f"{'ro' if r['read_only'] else 'rw':3} {r['spec']}")
+    _emit(rows, as_json, "\n".join(lines))
+
+
+@cli.command()
+@click.option("--offline", is_flag=True, help="Do not try to reach the cluster.")
+@json_opt
+@click.pass_obj
+def doctor(obj: Ctx, offline: bool, as_json: bool) -> None:
+    """What this host can map with, and what stands in the way; exit 9 if nothing."""
+    from cephvol.doctor import run_checks
+
+    host = obj.host()
+    res = run_checks(host.paths, host.cfg, connect=not offline)
+    lines = [f"kernel {res['kernel']}; auto backend: {res['auto_backend'] or 'NONE'}"]
+    for c in res["checks"]:
+        mark = "WARN" if c["warning"] else ("ok" if c["ok"] else "FAIL")
+        lines.append(f"{mark:4} {c['name']}: {c['detail']}")
+    _emit(res, as_json, "\n".join(lines))
+    if res["auto_backend"] is None:
+        raise click.exceptions.Exit(int(ExitCode.UNSUPPORTED))
 
 
 @cli.command()
