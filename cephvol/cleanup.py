@@ -39,6 +39,23 @@ class Observed:
     foreign_pids: dict[str, int] = field(default_factory=dict)  # ns -> a pid inside
 
 
+def split_propagated(own: list[Mount], foreign: list[Mount]) -> tuple[list[Mount], list[Mount]]:
+    """Split another namespace's mounts of our device into (real users, copies).
+
+    Under systemd the root mount is shared, so every mount cephvol makes is
+    copied into the mount namespaces of sandboxed services (udevd, logind,
+    ...), which receive it as slaves (`master:N` of our mount's `shared:N`).
+    Those copies go away when ours is unmounted; they are not users. A
+    container's bind mount of the volume lives in a private namespace with no
+    such tie: that is a user, and the device is busy.
+    """
+    ours = {m.shared_group for m in own if m.shared_group}
+    real, copies = [], []
+    for m in foreign:
+        (copies if ours & m.peer_groups else real).append(m)
+    return real, copies
+
+
 def plan_detach(obs: Observed, *, force: bool = False, lazy: bool = False) -> list[Step]:
     steps: list[Step] = []
     if obs.foreign_mounts and not force:

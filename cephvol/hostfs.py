@@ -41,6 +41,19 @@ class Mount:
     options: str
     fstype: str
     source: str
+    tags: tuple[str, ...] = ()  # optional fields: shared:N, master:N, propagate_from:N
+
+    @property
+    def peer_groups(self) -> set[str]:
+        """Peer groups this mount shares events with (as peer or as receiving slave)."""
+        return {t.split(":", 1)[1] for t in self.tags if t.split(":", 1)[0] in ("shared", "master")}
+
+    @property
+    def shared_group(self) -> str | None:
+        for t in self.tags:
+            if t.startswith("shared:"):
+                return t.split(":", 1)[1]
+        return None
 
     @property
     def devnum(self) -> tuple[int, int]:
@@ -74,6 +87,7 @@ def parse_mountinfo(text: str) -> list[Mount]:
                 options=f[5],
                 fstype=r[0],
                 source=_unescape(r[1]),
+                tags=tuple(f[6:]),
             )
         )
     return mounts

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from cephvol import fs, hostfs
-from cephvol.cleanup import Observed, Step, plan_detach
+from cephvol.cleanup import Observed, Step, plan_detach, split_propagated
 from cephvol.cluster import Cluster, ClusterConfig
 from cephvol.errors import Busy, Conflict, UsageError
 from cephvol.mapper import (
@@ -224,8 +224,11 @@ def observe(host: Host, spec: ImageSpec) -> tuple[Observed, Backend | None, Mapp
             own = [m for m in host.mounts() if m.devnum == devnum]
             own_ns = os.readlink(host.paths.proc_root / "self" / "ns" / "mnt")
             for ns, (pid, ms) in _mounts_by_ns(devnum, host.paths.proc_root).items():
-                if ns != own_ns:
-                    foreign[ns] = ms
+                if ns == own_ns:
+                    continue
+                real, _copies = split_propagated(own, ms)
+                if real:
+                    foreign[ns] = real
                     pids[ns] = pid
     obs = Observed(key=spec.key, journal_present=st is not None, device=device,
                    mapped=mapping is not None, own_mounts=own, foreign_mounts=foreign,
@@ -255,10 +258,16 @@ def _mounts_by_ns(devnum: tuple[int, int], proc_root: Path
 
 
 def detach(host: Host, spec: ImageSpec, *, force: bool = False,
-           lazy: bool = False) -> dict[str, Any]:
+           lazy: bool = False, unmount: bool = True) -> dict[str, Any]:
+    """Undo attach. With `unmount=False` (`cephvol unmap`) a mounted device is
+    refused instead of unmounted, unless forced."""
     store = host.store
     with store.lock(spec.key):
         obs, backend, mapping = observe(host, spec)
+        if not unmount and obs.own_mounts and not force:
+            where = ", ".join(m.mountpoint for m in obs.own_mounts)
+            raise Busy(f"{obs.device} is mounted at {where}; use `cephvol detach` to "
+                       "unmount and unmap, or --force")
         plan = plan_detach(obs, force=force, lazy=lazy)
         if not plan:
             return {"image": str(spec), "detached": False, "steps": [],
@@ -306,6 +315,14 @@ def _check_unused(host: Host, device: str) -> None:
     mounted = [m.mountpoint for m in host.mounts() if m.devnum == devnum]
     if mounted:
         raise Busy(f"{device} is still mounted at {', '.join(mounted)}; not unmapping")
+    # a propagated copy that did not go with our umount (something in that
+    # namespace holds it) still uses the device
+    elsewhere = [f"{m.mountpoint} in the mount namespace of pid {pid}"
+                 for pid, ms in _mounts_by_ns(devnum, host.paths.proc_root).values()
+                 for m in ms]
+    if elsewhere:
+        raise Busy(f"{device} is still mounted at {'; '.join(elsewhere)}; not unmapping "
+                   "(or --force)")
     kernel = hostfs.block_holders(name, host.paths.sys_root)
     if kernel:
         raise Busy(f"{device} is held by {', '.join(kernel)}; not unmapping (or --force)")

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from cephvol.cleanup import Observed, Step, plan_detach
-from cephvol.hostfs import Mount
+from pathlib import Path
+
+from cephvol.cleanup import Observed, Step, plan_detach, split_propagated
+from cephvol.hostfs import Mount, parse_mountinfo
 
 
 def _m(mp: str) -> Mount:
@@ -63,3 +65,24 @@ def test_mount_in_a_container_namespace_refuses_without_force() -> None:
 def test_lazy_marks_every_umount() -> None:
     obs = Observed("k", True, "/dev/loop3", True, own_mounts=[_m("/a"), _m("/b")])
     assert {s.detail for s in plan_detach(obs, lazy=True) if s.kind == "umount"} == {"lazy"}
+
+
+def test_propagated_copies_in_service_namespaces_are_not_users() -> None:
+    """Recorded in the qemu guest (systemd as PID 1, / shared): /dev/loop0
+    mounted at /mnt/p by us, and the copy systemd-udevd's namespace holds."""
+    data = Path(__file__).resolve().parent.parent / "data" / "mountinfo"
+    own = [m for m in parse_mountinfo((data / "guest-systemd-own.txt").read_text())
+           if m.devnum == (7, 0)]
+    udevd = [m for m in parse_mountinfo((data / "guest-systemd-udevd.txt").read_text())
+             if m.devnum == (7, 0)]
+    assert [m.mountpoint for m in own] == ["/mnt/p"] and own[0].shared_group
+    real, copies = split_propagated(own, udevd)
+    assert (real, [m.mountpoint for m in copies]) == ([], ["/mnt/p"])
+
+
+def test_a_private_bind_mount_in_a_container_is_a_user() -> None:
+    ours = Mount(152, 24, 7, 0, "/", "/mnt/p", "rw", "ext4", "/dev/loop0", ("shared:78",))
+    container = Mount(300, 290, 7, 0, "/", "/data", "rw", "ext4", "/dev/loop0", ())
+    other_group = Mount(301, 290, 7, 0, "/", "/x", "rw", "ext4", "/dev/loop0", ("master:5",))
+    real, copies = split_propagated([ours], [container, other_group])
+    assert (real, copies) == ([container, other_group], [])
