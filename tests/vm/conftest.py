@@ -105,3 +105,19 @@ def guest(vm_netns: NetNS, tmp_path_factory: pytest.TempPathFactory) -> Iterator
     left = subprocess.run(["pgrep", "-f", f"qemu-system.*{work}"], capture_output=True,
                           text=True, check=False).stdout.split()
     assert not left, f"qemu left running: {left}"
+
+
+@pytest.fixture(scope="session")
+def guest_ceph(guest: Guest, vm_cluster: NsCluster) -> Guest:
+    """The guest as a Ceph client of the namespace's cluster: /etc/ceph holds a
+    client-only config and client.admin's keyring (0600), as on a real host."""
+    fsid = next(ln.split("=", 1)[1].strip() for ln in vm_cluster.conf.read_text().splitlines()
+                if ln.startswith("fsid"))
+    mon = next(ln.split("=", 1)[1].strip() for ln in vm_cluster.conf.read_text().splitlines()
+               if ln.startswith("mon host"))
+    guest.put("/etc/ceph/ceph.conf", (f"[global]\nfsid = {fsid}\nmon host = {mon}\n"
+                                      "[client]\nkeyring = /etc/ceph/keyring\n").encode(), 0o644)
+    guest.put("/etc/ceph/keyring",
+              f"[client.admin]\n\tkey = {vm_cluster.admin_key()}\n".encode(), 0o600)
+    return guest
+
