@@ -301,7 +301,8 @@ def _run_step(host: Host, spec: ImageSpec, step: Step, backend: Backend | None,
                        "stop those processes, or pass --lazy") from exc
     elif step.kind == "check-unused":
         if step.detail != "skip":
-            _check_unused(host, step.target)
+            ignore = backend.own_pids(mapping) if backend and mapping else set()
+            _check_unused(host, step.target, ignore)
     elif step.kind == "unmap":
         assert backend is not None and mapping is not None
         backend.unmap(mapping, force=force)
@@ -309,7 +310,7 @@ def _run_step(host: Host, spec: ImageSpec, step: Step, backend: Backend | None,
         host.store.remove(spec.key)
 
 
-def _check_unused(host: Host, device: str) -> None:
+def _check_unused(host: Host, device: str, ignore_pids: set[int] | None = None) -> None:
     devnum = hostfs.device_number(device)
     name = os.path.basename(device)
     mounted = [m.mountpoint for m in host.mounts() if m.devnum == devnum]
@@ -326,7 +327,8 @@ def _check_unused(host: Host, device: str) -> None:
     kernel = hostfs.block_holders(name, host.paths.sys_root)
     if kernel:
         raise Busy(f"{device} is held by {', '.join(kernel)}; not unmapping (or --force)")
-    users = hostfs.processes_using(devnum=devnum, proc_root=host.paths.proc_root)
+    users = [h for h in hostfs.processes_using(devnum=devnum, proc_root=host.paths.proc_root)
+             if h.pid not in (ignore_pids or set())]
     if users:
         who = ", ".join(f"pid {h.pid} ({h.command})" for h in users)
         raise Busy(f"{device} is open by {who}; not unmapping (or --force)")

@@ -104,6 +104,11 @@ class Backend(ABC):
     @abstractmethod
     def list_mappings(self) -> list[Mapping]: ...
 
+    def own_pids(self, mapping: Mapping) -> set[int]:
+        """Processes of the backend itself that hold the device open (rbd-nbd
+        does); they are not users when deciding whether it is safe to unmap."""
+        return set()
+
     def find(self, spec: ImageSpec) -> Mapping | None:
         for m in self.list_mappings():
             if m.spec == str(spec):

@@ -114,6 +114,10 @@ class NbdBackend(Backend):
                                      "list-mapped does not show it")
         return m
 
+    def own_pids(self, mapping: Mapping) -> set[int]:
+        # list-mapped's "id" is the pid of the rbd-nbd serving the device
+        return {int(mapping.backend_id)} if mapping.backend_id.isdigit() else set()
+
     def unmap(self, mapping: Mapping, *, force: bool = False) -> None:
         # rbd-nbd has no forced unmap: the caller already checked for users
         res = proc.run([*self._base(), "unmap", mapping.device], check=False, timeout=120)

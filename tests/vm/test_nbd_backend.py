@@ -1,0 +1,66 @@
+"""The nbd backend (rbd-nbd) on the guest's real kernel, which has nbd.ko."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import uuid
+from collections.abc import Iterator
+
+import pytest
+
+from tests.vm.conftest import NsCluster
+from tests.vm.harness import Guest
+from tests.vm.test_krbd_backend import _SNAP, cv, ok
+
+
+@pytest.fixture
+def nbd_image(guest_ceph: Guest, vm_cluster: NsCluster) -> Iterator[str]:
+    name = f"rbd/n-{uuid.uuid4().hex[:8]}"
+    vm_cluster.cli("create", name, "--size", "64M")
+    yield name
+    cv(guest_ceph, "detach", "--force", name)
+    vm_cluster.run(["cephvol", "rm", name])
+
+
+def test_nbd_map_idempotent_attach_round_trip_and_snapshot(
+        guest_ceph: Guest, nbd_image: str, vm_cluster: NsCluster) -> None:
+    m = json.loads(ok(cv(guest_ceph, "map", nbd_image, "--backend", "nbd", "--json")))
+    assert m["backend"] == "nbd" and m["device"].startswith("/dev/nbd")
+    again = json.loads(ok(cv(guest_ceph, "map", nbd_image, "--backend", "nbd", "--json")))
+    assert again["device"] == m["device"]
+    rows = json.loads(ok(cv(guest_ceph, "showmapped", "--json")))
+    assert [r["device"] for r in rows if r["spec"] == nbd_image] == [m["device"]]
+    # the key is in no process's argv (rbd-nbd reads the keyring itself)
+    key = vm_cluster.admin_key()
+    argvs = ok(guest_ceph.run(["sh", "-c", "cat /proc/[0-9]*/cmdline | tr '\\0' ' '"]))
+    assert "rbd-nbd" in argvs and key not in argvs
+    data = os.urandom(2 << 20)
+    guest_ceph.put("/root/nbd-payload", data)
+    ok(cv(guest_ceph, "attach", nbd_image, "--backend", "nbd", "--mountpoint", "/mnt/n"))
+    ok(guest_ceph.run(["cp", "/root/nbd-payload", "/mnt/n/payload"]))
+    ok(cv(guest_ceph, "detach", nbd_image))
+    assert ok(guest_ceph.run(["sh", "-c", "pgrep -c rbd-nbd || true"])).strip() == "0"
+    vm_cluster.python(_SNAP, str(vm_cluster.conf), nbd_image.split("/")[1], "s1")
+    snap = json.loads(ok(cv(guest_ceph, "attach", f"{nbd_image}@s1", "--backend", "nbd",
+                            "--mountpoint", "/mnt/ns", "--json")))
+    assert snap["read_only"] and snap["backend"] == "nbd"
+    got = ok(guest_ceph.run(["sha256sum", "/mnt/ns/payload"])).split()[0]
+    assert got == hashlib.sha256(data).hexdigest()
+    ok(cv(guest_ceph, "detach", f"{nbd_image}@s1"))
+
+
+def test_nbd_open_device_refuses_unmap(guest_ceph: Guest, nbd_image: str) -> None:
+    dev = ok(cv(guest_ceph, "map", nbd_image, "--backend", "nbd")).strip()
+    ok(guest_ceph.run(["systemd-run", "--unit=cvnbdholder", "--collect", "sh", "-c",
+                       f"exec 3<{dev}; exec sleep 300"]))
+    try:
+        guest_ceph.run(["sh", "-c", f"for i in $(seq 50); do fuser -s {dev} && exit 0; "
+                                    "sleep 0.1; done; true"])
+        r = cv(guest_ceph, "unmap", nbd_image)
+        assert r.rc == 4 and "is open by pid" in r.stderr, r.stderr
+    finally:
+        guest_ceph.run(["systemctl", "stop", "cvnbdholder"])
+    ok(cv(guest_ceph, "unmap", nbd_image))
+    assert ok(guest_ceph.run(["sh", "-c", "pgrep -c rbd-nbd || true"])).strip() == "0"
