@@ -1,0 +1,73 @@
+"""The fault matrix on krbd: cephvol killed (SIGKILL) at every step boundary
+of attach and of detach, inside the guest; `detach` must finish the job, and
+the data written before the crash must be intact."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import uuid
+from collections.abc import Iterator
+
+import pytest
+
+from tests.vm.conftest import NsCluster
+from tests.vm.harness import Guest
+from tests.vm.test_krbd_backend import cv, ok
+
+ATTACH_STEPS = ["journal", "map", "mkfs", "mkdir", "mount"]
+DETACH_STEPS = ["detach-sync", "detach-umount", "detach-check-unused", "detach-unmap"]
+
+
+@pytest.fixture
+def fimage(guest_ceph: Guest, vm_cluster: NsCluster) -> Iterator[str]:
+    name = f"rbd/f-{uuid.uuid4().hex[:8]}"
+    vm_cluster.cli("create", name, "--size", "64M")
+    yield name
+    cv(guest_ceph, "detach", "--force", name)
+    vm_cluster.run(["cephvol", "rm", name])
+
+
+def _clean(g: Guest) -> None:
+    assert ok(g.run(["ls", "/sys/bus/rbd/devices"])).strip() == ""
+    assert g.run(["mountpoint", "-q", "/mnt/f"]).rc != 0
+    assert json.loads(ok(cv(g, "status", "--json"))) == []
+
+
+def _crash(g: Guest, *args: str, at: str) -> int:
+    return g.run(["env", f"CEPHVOL_TEST_CRASH_AT={at}", "cephvol", *args], timeout=120).rc
+
+
+@pytest.mark.parametrize("step", ATTACH_STEPS)
+def test_attach_killed_at(step: str, guest_ceph: Guest, fimage: str) -> None:
+    digest = ""
+    if step != "mkfs":  # a volume with content (mkfs is only reached on an empty one)
+        ok(cv(guest_ceph, "attach", fimage, "--mountpoint", "/mnt/f"))
+        ok(guest_ceph.run(["sh", "-c", "head -c 1048576 /dev/urandom > /mnt/f/data"]))
+        digest = ok(guest_ceph.run(["sha256sum", "/mnt/f/data"])).split()[0]
+        ok(cv(guest_ceph, "detach", fimage))
+    assert _crash(guest_ceph, "attach", fimage, "--mountpoint", "/mnt/f", at=step) == -9
+    ok(cv(guest_ceph, "detach", fimage))
+    _clean(guest_ceph)
+    ok(cv(guest_ceph, "attach", fimage, "--mountpoint", "/mnt/f"))
+    if digest:
+        assert ok(guest_ceph.run(["sha256sum", "/mnt/f/data"])).split()[0] == digest
+    ok(cv(guest_ceph, "detach", fimage))
+    _clean(guest_ceph)
+
+
+@pytest.mark.parametrize("step", DETACH_STEPS)
+def test_detach_killed_at(step: str, guest_ceph: Guest, fimage: str) -> None:
+    payload = os.urandom(1 << 20)
+    guest_ceph.put("/root/fpayload", payload)
+    ok(cv(guest_ceph, "attach", fimage, "--mountpoint", "/mnt/f"))
+    ok(guest_ceph.run(["cp", "/root/fpayload", "/mnt/f/p"]))
+    assert _crash(guest_ceph, "detach", fimage, at=step) == -9
+    ok(cv(guest_ceph, "detach", fimage))
+    _clean(guest_ceph)
+    ok(cv(guest_ceph, "attach", fimage, "--mountpoint", "/mnt/f"))
+    got = ok(guest_ceph.run(["sha256sum", "/mnt/f/p"])).split()[0]
+    assert got == hashlib.sha256(payload).hexdigest()
+    ok(cv(guest_ceph, "detach", fimage))
+    _clean(guest_ceph)
