@@ -109,6 +109,10 @@ def guest(vm_netns: NetNS, tmp_path_factory: pytest.TempPathFactory) -> Iterator
 
 @pytest.fixture(scope="session")
 def guest_ceph(guest: Guest, vm_cluster: NsCluster) -> Guest:
+    return configure_ceph_client(guest, vm_cluster)
+
+
+def configure_ceph_client(guest: Guest, vm_cluster: NsCluster) -> Guest:
     """The guest as a Ceph client of the namespace's cluster: /etc/ceph holds a
     client-only config and client.admin's keyring (0600), as on a real host."""
     fsid = next(ln.split("=", 1)[1].strip() for ln in vm_cluster.conf.read_text().splitlines()
