@@ -222,3 +222,46 @@ def test_fuse_unreachable_monitor_fails_fast(cluster: CephCluster, image: str,
     assert time.monotonic() - t0 < 20
     assert b.list_mappings() == []
     assert not any((tmp_path / "state" / "fuse").iterdir())
+
+
+def test_read_only_attach_on_fuse(cluster: CephCluster, image: str, mnt: Path) -> None:
+    cluster.cli("create", image, "--size", "64M", check=True)
+    _attach(cluster, image, mnt)
+    (mnt / "f").write_text("written rw")
+    cluster.cli("detach", image, check=True)
+    res = _attach(cluster, image, mnt, "--read-only")
+    assert res["read_only"] and res["backend"] == "fuse"
+    blk = os.path.basename(res["device"])
+    assert Path(f"/sys/block/{blk}/ro").read_text().strip() == "1"
+    assert (mnt / "f").read_text() == "written rw"
+    with pytest.raises(OSError):
+        (mnt / "g").write_text("no")
+    cluster.cli("detach", image, check=True)
+
+
+def test_forced_unmap_of_an_open_device_on_fuse(cluster: CephCluster, image: str) -> None:
+    """The loop device cannot be torn from its opener: force detaches rbd-fuse
+    lazily, and everything goes once the opener closes the device."""
+    cluster.cli("create", image, "--size", "64M", check=True)
+    dev = cluster.cli("map", image, check=True).stdout.strip()
+    holder = subprocess.Popen(["sh", "-c", f"exec 3<{dev}; exec sleep 300"])
+    try:
+        time.sleep(0.3)
+        assert cluster.cli("unmap", image).returncode == 4
+        cp = cluster.cli("unmap", "--force", image)
+        assert cp.returncode == 0, cp.stderr
+        st = json.loads(cluster.cli("status", "--json", check=True).stdout)
+        assert not any(r["image"] == image for r in st)
+    finally:
+        holder.kill()
+        holder.wait()
+    deadline = time.monotonic() + 20
+    blk = os.path.basename(dev)
+    while time.monotonic() < deadline and (
+            os.path.exists(f"/sys/block/{blk}/loop/backing_file")
+            or subprocess.run(["pgrep", "-f", f"rbd-fuse .*{image.split('/')[1]}"],
+                              capture_output=True, check=False).returncode == 0):
+        time.sleep(0.1)
+    assert not os.path.exists(f"/sys/block/{blk}/loop/backing_file")
+    assert subprocess.run(["pgrep", "-f", f"rbd-fuse .*{image.split('/')[1]}"],
+                          capture_output=True, check=False).returncode != 0
