@@ -227,6 +227,22 @@ def detach(obj: Ctx, spec: str, force: bool, lazy: bool, as_json: bool) -> None:
           else f"{res['image']}: not attached")
 
 
+@cli.command()
+@click.argument("spec")
+@click.option("--size", required=True, help="New, larger size: 20G, 1T.")
+@json_opt
+@click.pass_obj
+def resize(obj: Ctx, spec: str, size: str, as_json: bool) -> None:
+    """Grow an image, and its mounted filesystem online; shrinking is refused."""
+    from cephvol import lifecycle
+    from cephvol.spec import format_size, parse_size
+
+    res = lifecycle.resize(obj.host(), _spec(spec, allow_snap=False), parse_size(size))
+    text = (f"{res['image']}: {format_size(res['old_size'])} -> {format_size(res['size'])}"
+            + (", filesystem grown" if res["filesystem_grown"] else ""))
+    _emit(res, as_json, text)
+
+
 @cli.command(name="map")
 @click.argument("spec")
 @map_options

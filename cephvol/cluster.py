@@ -23,6 +23,7 @@ from cephvol.errors import (
     Conflict,
     NotFound,
     StepTimeout,
+    Unsafe,
     UsageError,
 )
 from cephvol.spec import ImageSpec, format_size
@@ -243,6 +244,27 @@ class Cluster:
                 f"({existing} bytes), not {format_size(size)}"
             )
         return False
+
+    def grow_image(self, spec: ImageSpec, size: int) -> tuple[int, bool]:
+        """Grow to `size`; returns (old size, changed). Shrinking is refused:
+        it would cut off whatever the filesystem keeps at the end."""
+        import rados
+        import rbd
+
+        if spec.snap:
+            raise UsageError(f"cannot resize a snapshot ({spec}); give POOL/IMAGE")
+        with self.image(spec, read_only=False) as img:
+            old = int(img.size())
+            if size < old:
+                raise Unsafe(f"refusing to shrink {spec} from {format_size(old)} to "
+                             f"{format_size(size)}: that would destroy data at its end")
+            if size == old:
+                return old, False
+            try:
+                img.resize(size, allow_shrink=False)
+            except (rbd.Error, rados.Error) as exc:
+                raise _translate(exc, f"resize {spec}") from exc
+            return old, True
 
     def image_info(self, spec: ImageSpec) -> ImageInfo:
         import rados

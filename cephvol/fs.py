@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cephvol import proc
-from cephvol.errors import Busy, Conflict, SystemCommandError, Unsafe, UsageError
+from cephvol.errors import Busy, Conflict, SystemCommandError, Unsafe, Unsupported, UsageError
 
 FSTYPES = ("ext4", "xfs")
 FSCK_MODES = ("auto", "skip", "force")
@@ -75,8 +75,12 @@ def mkfs(device: str, fstype: str, extra_options: list[str] | None = None) -> No
         raise Unsafe(f"refusing to format {device}: it holds {p.detail or p.kind}")
     extra = list(extra_options or [])
     if fstype == "ext4":
-        argv = ["mkfs.ext4", "-q", "-E", "nodiscard,lazy_itable_init=1,lazy_journal_init=1",
-                *extra, device]
+        # 4 KiB blocks even on small images: mke2fs picks 1 KiB below 512 MiB,
+        # and the kernel refuses to grow such a filesystem online (resize2fs:
+        # "Permission denied"), which `cephvol resize` needs
+        block = [] if any(o.startswith("-b") for o in extra) else ["-b", "4096"]
+        argv = ["mkfs.ext4", "-q", *block, "-E",
+                "nodiscard,lazy_itable_init=1,lazy_journal_init=1", *extra, device]
     else:
         argv = ["mkfs.xfs", "-q", "-K", *extra, device]
     proc.run(argv, timeout=600)
@@ -151,3 +155,73 @@ def sync_fs(mountpoint: str) -> None:
 
 def _libc() -> ctypes.CDLL:
     return ctypes.CDLL(None, use_errno=True)
+
+
+CAP_SYS_RESOURCE = 24
+
+
+def has_capability(cap: int, status: Path = Path("/proc/self/status")) -> bool:
+    for line in status.read_text().splitlines():
+        if line.startswith("CapEff:"):
+            return bool(int(line.split()[1], 16) >> cap & 1)
+    return False
+
+
+def grow(device: str, fstype: str, mountpoint: str) -> None:
+    """Grow a mounted filesystem to fill its (already grown) device, online."""
+    if fstype == "ext4":
+        res = proc.run(["resize2fs", device], timeout=3600, check=False)
+        if res.returncode != 0:
+            if not has_capability(CAP_SYS_RESOURCE):
+                raise Unsupported(
+                    f"the kernel refused to grow ext4 on {device} online: this process "
+                    "lacks CAP_SYS_RESOURCE (a restricted container?); the image and "
+                    "device are grown, and the next `cephvol attach` after a detach "
+                    "grows the filesystem offline")
+            raise SystemCommandError(f"resize2fs {device} failed: "
+                                     f"{res.stderr.strip().splitlines()[-1:]}")
+    elif fstype == "xfs":
+        proc.run(["xfs_growfs", mountpoint], timeout=3600)
+    else:
+        raise Unsupported(f"cannot grow a {fstype} filesystem")
+
+
+def device_size(device: str, sys_root: Path = Path("/sys")) -> int:
+    """Bytes the kernel currently sees for a block device (sysfs counts 512 B sectors)."""
+    name = os.path.basename(device)
+    try:
+        return int((sys_root / "class" / "block" / name / "size").read_text()) * 512
+    except (OSError, ValueError) as exc:
+        raise SystemCommandError(f"cannot read the size of {device} from sysfs") from exc
+
+
+def ext4_bytes(device: str) -> int:
+    """The size an (unmounted or mounted) ext4 filesystem believes it has."""
+    res = proc.run(["dumpe2fs", "-h", device], timeout=60)
+    vals = {}
+    for line in res.stdout.splitlines():
+        k, sep, v = line.partition(":")
+        if sep:
+            vals[k.strip()] = v.strip()
+    try:
+        return int(vals["Block count"]) * int(vals["Block size"])
+    except (KeyError, ValueError) as exc:
+        raise SystemCommandError(f"dumpe2fs {device}: no block count in its output") from exc
+
+
+def grow_offline_if_needed(device: str, fstype: str, sys_root: Path = Path("/sys")) -> bool:
+    """Before mount: grow an ext4 filesystem that is smaller than its device
+    (an earlier `cephvol resize` could not grow it online). xfs grows only
+    mounted, so `resize` always does it online."""
+    if fstype != "ext4":
+        return False
+    if device_size(device, sys_root) - ext4_bytes(device) < (1 << 20):
+        return False
+    # resize2fs wants a full check first; -p only repairs what is safe
+    res = proc.run(["e2fsck", "-f", "-p", device], check=False, timeout=3600)
+    if res.returncode >= 4:
+        raise Unsafe(f"e2fsck found errors on {device} it cannot fix safely "
+                     f"(exit {res.returncode}); not growing or mounting it")
+    proc.run(["resize2fs", device], timeout=3600)
+    return True
+

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ from typing import Any
 from cephvol import fs, hostfs
 from cephvol.cleanup import Observed, Step, plan_detach, split_propagated
 from cephvol.cluster import Cluster, ClusterConfig
-from cephvol.errors import Busy, Conflict, UsageError
+from cephvol.errors import Busy, Conflict, StepTimeout, UsageError
 from cephvol.mapper import (
     Backend,
     HostPaths,
@@ -129,6 +130,8 @@ def attach(host: Host, req: AttachRequest) -> dict[str, Any]:
                 _crash_point("mkdir")
                 assert st.fstype
                 fs.fsck(st.device or "", st.fstype, "skip" if read_only else req.fsck)
+                if not read_only:
+                    fs.grow_offline_if_needed(st.device or "", st.fstype, host.paths.sys_root)
                 fs.mount(st.device or "", req.mountpoint, st.fstype, req.mount_options,
                          read_only)
             _done(store, spec, st, "mount")
@@ -332,6 +335,40 @@ def _check_unused(host: Host, device: str, ignore_pids: set[int] | None = None) 
     if users:
         who = ", ".join(f"pid {h.pid} ({h.command})" for h in users)
         raise Busy(f"{device} is open by {who}; not unmapping (or --force)")
+
+
+# -- resize ---------------------------------------------------------------------
+
+
+def resize(host: Host, spec: ImageSpec, size: int, *, timeout: float = 60.0) -> dict[str, Any]:
+    """Grow the image, then the device's view of it, then the mounted filesystem.
+
+    Each step is idempotent, so a resize interrupted half-way is finished by
+    running it again (the image is already big, the filesystem still grows).
+    """
+    with host.store.lock(spec.key):
+        with Cluster(host.cfg) as c:
+            old, changed = c.grow_image(spec, size)
+        res: dict[str, Any] = {"image": str(spec), "old_size": old, "size": size,
+                               "changed": changed, "device": None, "filesystem_grown": False}
+        found = _find_mapping(host, spec)
+        if found is None or not found[1].device:
+            return res
+        backend, mapping = found
+        res["device"] = mapping.device
+        backend.refresh_size(mapping)
+        deadline = time.monotonic() + timeout
+        while fs.device_size(mapping.device, host.paths.sys_root) < size:
+            if time.monotonic() > deadline:
+                raise StepTimeout(f"{mapping.device} still shows the old size {timeout:g}s "
+                                  "after the image grew")
+            time.sleep(0.1)
+        st = host.store.load(spec.key)
+        if (st and st.mountpoint and st.fstype and not st.read_only
+                and _mounted_at(host, st.device, st.mountpoint)):
+            fs.grow(mapping.device, st.fstype, st.mountpoint)
+            res["filesystem_grown"] = True
+        return res
 
 
 # -- status ---------------------------------------------------------------------

@@ -104,6 +104,11 @@ class Backend(ABC):
     @abstractmethod
     def list_mappings(self) -> list[Mapping]: ...
 
+    def refresh_size(self, mapping: Mapping) -> None:
+        """Make the device see a grown image. krbd and rbd-nbd follow the
+        image's header by themselves; the loop device of fuse needs a nudge."""
+        return None
+
     def own_pids(self, mapping: Mapping) -> set[int]:
         """Processes of the backend itself that hold the device open (rbd-nbd
         does); they are not users when deciding whether it is safe to unmap."""

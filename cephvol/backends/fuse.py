@@ -147,6 +147,11 @@ class FuseBackend(Backend):
                                "or image missing, or no permission)")
             time.sleep(0.05)
 
+    def refresh_size(self, mapping: Mapping) -> None:
+        # rbd-fuse reports the new size on stat; the loop device re-reads it
+        if mapping.device:
+            proc.run(["losetup", "--set-capacity", mapping.device], timeout=30)
+
     # -- unmap ---------------------------------------------------------------
 
     def unmap(self, mapping: Mapping, *, force: bool = False) -> None:

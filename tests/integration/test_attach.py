@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from cephvol import fs
 from tests.conftest import CephCluster
 
 
@@ -265,3 +266,34 @@ def test_forced_unmap_of_an_open_device_on_fuse(cluster: CephCluster, image: str
     assert not os.path.exists(f"/sys/block/{blk}/loop/backing_file")
     assert subprocess.run(["pgrep", "-f", f"rbd-fuse .*{image.split('/')[1]}"],
                           capture_output=True, check=False).returncode != 0
+
+
+@pytest.mark.parametrize("fstype", ["ext4", "xfs"])
+def test_resize_grows_image_and_mounted_filesystem_online(
+        cluster: CephCluster, image: str, mnt: Path, fstype: str) -> None:
+    cluster.cli("create", image, "--size", "320M", check=True)  # xfs needs 300M
+    _attach(cluster, image, mnt, "--fstype", fstype)
+    payload = os.urandom(1 << 20)
+    (mnt / "p").write_bytes(payload)
+    before = os.statvfs(mnt)
+    assert cluster.cli("resize", image, "--size", "100M").returncode == 10  # shrink refused
+    cp = cluster.cli("resize", image, "--size", "640M", "--json")
+    if fstype == "ext4" and not fs.has_capability(fs.CAP_SYS_RESOURCE):
+        # this machine: no CAP_SYS_RESOURCE, so no online ext4 grow; the
+        # image and device are grown, the next attach grows it offline
+        assert cp.returncode == 9 and "CAP_SYS_RESOURCE" in cp.stderr, cp.stderr
+        cluster.cli("detach", image, check=True)
+        _attach(cluster, image, mnt)
+    else:
+        assert cp.returncode == 0, cp.stderr
+        res = json.loads(cp.stdout)
+        assert res["changed"] and res["filesystem_grown"] and res["size"] == 640 << 20
+    after = os.statvfs(mnt)
+    assert after.f_blocks * after.f_frsize > 1.8 * before.f_blocks * before.f_frsize
+    assert (mnt / "p").read_bytes() == payload
+    again = json.loads(cluster.cli("resize", image, "--size", "640M", "--json",
+                                   check=True).stdout)
+    assert not again["changed"]  # idempotent
+    cluster.cli("detach", image, check=True)
+    assert json.loads(cluster.cli("info", image, "--json", check=True).stdout)["size"] == \
+        640 << 20

@@ -140,3 +140,15 @@ def test_exclusive_mapping_refuses_a_second_writer(guest_ceph: Guest, image: str
                         image.split("/")[1]], timeout=60)
     assert r.rc == 3, r.stdout + r.stderr
     ok(cv(guest_ceph, "unmap", image))
+
+
+def test_online_resize_of_mounted_ext4_on_krbd(guest_ceph: Guest, image: str) -> None:
+    ok(cv(guest_ceph, "attach", image, "--mountpoint", "/mnt/r"))
+    before = int(ok(guest_ceph.run(["stat", "-f", "-c", "%b", "/mnt/r"])))
+    res = json.loads(ok(cv(guest_ceph, "resize", image, "--size", "192M", "--json")))
+    assert res["changed"] and res["filesystem_grown"]
+    after = int(ok(guest_ceph.run(["stat", "-f", "-c", "%b", "/mnt/r"])))
+    assert after > 2.5 * before
+    blk = os.path.basename(res["device"])
+    assert int(ok(guest_ceph.run(["cat", f"/sys/block/{blk}/size"]))) * 512 == 192 << 20
+    ok(cv(guest_ceph, "detach", image))
