@@ -273,6 +273,26 @@ def unmap(obj: Ctx, spec: str, force: bool, as_json: bool) -> None:
 
 
 @cli.command()
+@click.option("--stale", "mode", flag_value="stale", default=True,
+              help="Release volumes whose owner is gone (the default).")
+@click.option("--all", "mode", flag_value="all", help="Detach every volume (shutdown).")
+@click.option("--force", is_flag=True, help="Also unmap devices still open or mounted elsewhere.")
+@json_opt
+@click.pass_obj
+def cleanup(obj: Ctx, mode: str, force: bool, as_json: bool) -> None:
+    """Finish or undo what crashed cephvols, reboots and dead daemons left behind."""
+    from cephvol import lifecycle
+
+    rows = lifecycle.cleanup(obj.host(), everything=mode == "all", force=force)
+    lines = [f"{r['image']}: " + ("released" if r["ok"] else f"FAILED ({r['error']})")
+             + f" - {r['reason']}" for r in rows] or ["nothing to clean up"]
+    _emit(rows, as_json, "\n".join(lines))
+    failed = [r["exit_code"] for r in rows if not r["ok"]]
+    if failed:
+        raise click.exceptions.Exit(failed[0])
+
+
+@cli.command()
 @json_opt
 @click.pass_obj
 def showmapped(obj: Ctx, as_json: bool) -> None:

@@ -17,7 +17,7 @@ from typing import Any
 from cephvol import fs, hostfs
 from cephvol.cleanup import Observed, Step, plan_detach, split_propagated
 from cephvol.cluster import Cluster, ClusterConfig
-from cephvol.errors import Busy, Conflict, StepTimeout, UsageError
+from cephvol.errors import Busy, CephvolError, Conflict, StepTimeout, UsageError
 from cephvol.mapper import (
     Backend,
     HostPaths,
@@ -335,6 +335,59 @@ def _check_unused(host: Host, device: str, ignore_pids: set[int] | None = None) 
     if users:
         who = ", ".join(f"pid {h.pid} ({h.command})" for h in users)
         raise Busy(f"{device} is open by {who}; not unmapping (or --force)")
+
+
+# -- cleanup --------------------------------------------------------------------
+
+
+def _stale_reason(host: Host, st: VolumeState, mapping: Mapping | None) -> str | None:
+    """Why a journalled volume has no live owner, or None if it is fine."""
+    if st.phase != "attached":
+        if st.pid and hostfs.pid_alive(st.pid, host.paths.proc_root):
+            return None  # a cephvol is working on it right now
+        return f"{st.phase} by pid {st.pid}, which is gone"
+    if mapping is None or not mapping.device:
+        return "attached, but its mapping is gone (reboot, or a killed rbd-fuse/rbd-nbd)"
+    if mapping.backend == "fuse" and not mapping.extra.get("fuse_pid"):
+        return "attached, but its rbd-fuse is dead"
+    return None
+
+
+def cleanup(host: Host, *, everything: bool = False, force: bool = False
+            ) -> list[dict[str, Any]]:
+    """Release what has no owner any more; with `everything`, detach it all.
+
+    Stale: a journal whose cephvol died mid-attach/-detach, a volume whose
+    mapping vanished (reboot, killed userspace daemon), a fuse mapping no
+    journal knows. `everything` is the shutdown path: every volume cephvol
+    attached. Each goes through the same detach, so a volume that is still
+    mounted by a container is reported busy, not torn away (unless `force`).
+    """
+    specs: dict[str, str] = {}
+    for key in host.store.keys():
+        st = host.store.load(key)
+        if st is None:
+            continue
+        spec = parse_spec(st.spec)
+        found = _find_mapping(host, spec)
+        reason = "detach all" if everything else _stale_reason(
+            host, st, found[1] if found else None)
+        if reason:
+            specs[st.spec] = reason
+    fuse = make_backend("fuse", host.paths, host.cfg)
+    for m in fuse.list_mappings():
+        if m.spec not in specs and host.store.load(parse_spec(m.spec).key) is None:
+            specs[m.spec] = "fuse mapping without a journal (an interrupted attach)"
+    out = []
+    for text, reason in sorted(specs.items()):
+        row: dict[str, Any] = {"image": text, "reason": reason}
+        try:
+            res = detach(host, parse_spec(text), force=force)
+            row.update(ok=True, steps=res["steps"])
+        except CephvolError as exc:
+            row.update(ok=False, error=exc.message, exit_code=int(exc.exit_code))
+        out.append(row)
+    return out
 
 
 # -- resize ---------------------------------------------------------------------

@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -297,3 +298,41 @@ def test_resize_grows_image_and_mounted_filesystem_online(
     cluster.cli("detach", image, check=True)
     assert json.loads(cluster.cli("info", image, "--json", check=True).stdout)["size"] == \
         640 << 20
+
+
+def test_cleanup_releases_what_crashed_or_died(cluster: CephCluster, mnt: Path) -> None:
+    names = [f"rbd/t-{uuid.uuid4().hex[:10]}" for _ in range(3)]
+    crashed, killed, healthy = names
+    try:
+        for n in names:
+            cluster.cli("create", n, "--size", "64M", check=True)
+        # 1. cephvol killed mid-attach (after map, before mkfs)
+        assert cluster.cli("attach", crashed, "--mountpoint", str(mnt / "c"),
+                           CEPHVOL_TEST_CRASH_AT="map").returncode == -signal.SIGKILL
+        # 2. attached, then its rbd-fuse killed
+        _attach(cluster, killed, mnt / "k")
+        key = f"rbd,-,{killed.split('/')[1]}"
+        for p in subprocess.run(["pgrep", "-f", f"rbd-fuse .*{key}"], capture_output=True,
+                                text=True, check=False).stdout.split():
+            os.kill(int(p), signal.SIGKILL)
+        # 3. a healthy volume, which --stale must leave alone
+        _attach(cluster, healthy, mnt / "h")
+        (mnt / "h" / "f").write_text("stay")
+        time.sleep(0.5)
+        cp = cluster.cli("cleanup", "--json")
+        assert cp.returncode == 0, cp.stderr
+        rows = {r["image"]: r for r in json.loads(cp.stdout)}
+        assert set(rows) == {crashed, killed} and all(r["ok"] for r in rows.values())
+        assert "gone" in rows[crashed]["reason"] and "rbd-fuse" in rows[killed]["reason"]
+        st = {r["image"] for r in json.loads(cluster.cli("status", "--json", check=True).stdout)}
+        assert st == {healthy} and (mnt / "h" / "f").read_text() == "stay"
+        assert not os.path.ismount(mnt / "c") and not os.path.ismount(mnt / "k")
+        assert json.loads(cluster.cli("cleanup", "--json", check=True).stdout) == []
+        # --all: the shutdown path detaches everything
+        rows2 = json.loads(cluster.cli("cleanup", "--all", "--json", check=True).stdout)
+        assert [r["image"] for r in rows2] == [healthy] and rows2[0]["ok"]
+        assert json.loads(cluster.cli("status", "--json", check=True).stdout) == []
+    finally:
+        for n in names:
+            cluster.cli("detach", "--force", "--lazy", n)
+            cluster.cli("rm", n)
