@@ -9,7 +9,6 @@ ambiguous result is refused, not formatted.
 
 from __future__ import annotations
 
-import ctypes
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -128,9 +127,9 @@ def mount(device: str, mountpoint: Path, fstype: str, options: list[str],
     proc.run([*argv, device, str(mountpoint)], timeout=300)
 
 
-def umount(mountpoint: str, *, lazy: bool = False, timeout: float = 120.0) -> None:
+def umount(mountpoint: str, *, lazy: bool = False, timeout: float | None = None) -> None:
     argv = ["umount"] + (["-l"] if lazy else []) + [mountpoint]
-    res = proc.run(argv, check=False, timeout=timeout)
+    res = proc.run(argv, check=False, timeout=timeout or proc.step_timeout())
     if res.returncode != 0:
         msg = res.stderr.strip().splitlines()[-1] if res.stderr.strip() else "unknown error"
         if "busy" in msg.lower():
@@ -141,20 +140,17 @@ def umount(mountpoint: str, *, lazy: bool = False, timeout: float = 120.0) -> No
 
 
 def sync_fs(mountpoint: str) -> None:
-    """syncfs() on one filesystem, not a host-wide sync that may hang on others."""
-    try:
-        fd = os.open(mountpoint, os.O_RDONLY | os.O_DIRECTORY)
-    except OSError:
+    """Flush one filesystem (syncfs via `sync -f`), not a host-wide sync that
+    may hang on others. A child process, so that with the cluster gone the
+    flush is bounded by the step timeout instead of hanging cephvol itself."""
+    if not os.path.isdir(mountpoint):
         return
-    try:
-        if _libc().syncfs(fd) != 0:
-            os.sync()
-    finally:
-        os.close(fd)
+    # an I/O error here (a dead rbd-fuse) is not fatal: umount flushes again
+    # and reports what it cannot write; only a hang (timeout) stops detach
+    proc.run(["sync", "--file-system", mountpoint], timeout=proc.step_timeout(), check=False)
 
 
-def _libc() -> ctypes.CDLL:
-    return ctypes.CDLL(None, use_errno=True)
+
 
 
 CAP_SYS_RESOURCE = 24
@@ -224,4 +220,3 @@ def grow_offline_if_needed(device: str, fstype: str, sys_root: Path = Path("/sys
                      f"(exit {res.returncode}); not growing or mounting it")
     proc.run(["resize2fs", device], timeout=3600)
     return True
-

@@ -281,7 +281,14 @@ def detach(host: Host, spec: ImageSpec, *, force: bool = False,
             store.save(spec.key, st)
         done: list[str] = []
         for step in plan:
-            _run_step(host, spec, step, backend, mapping, force)
+            try:
+                _run_step(host, spec, step, backend, mapping, force)
+            except StepTimeout as exc:
+                raise StepTimeout(
+                    f"{exc.message}; is the cluster reachable? Done so far: "
+                    f"{', '.join(done) or 'nothing'}. Nothing further was changed, the "
+                    "pending writes stay queued and reach the cluster when it is back; "
+                    "then run `cephvol detach` again to finish") from exc
             done.append(f"{step.kind} {step.target}".strip())
             _crash_point(f"detach-{step.kind}")
         return {"image": str(spec), "detached": True, "steps": done,

@@ -13,9 +13,27 @@ import subprocess
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from cephvol.errors import NotFound, StepTimeout, SystemCommandError
+from cephvol.errors import NotFound, StepTimeout, SystemCommandError, UsageError
 
 DEFAULT_TIMEOUT = 60.0
+# children killed after a timeout but possibly stuck in the kernel; kept
+# referenced so Python does not warn about (or block on) them at exit
+_abandoned: list[subprocess.Popen[str]] = []
+
+
+def step_timeout(default: float = 60.0) -> float:
+    """Bound for one host step that may wait on the cluster (umount, flush,
+    unmap): $CEPHVOL_STEP_TIMEOUT seconds, default 60."""
+    raw = os.environ.get("CEPHVOL_STEP_TIMEOUT")
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError as exc:
+        raise UsageError(f"CEPHVOL_STEP_TIMEOUT={raw!r} is not a number") from exc
+    if value <= 0:
+        raise UsageError("CEPHVOL_STEP_TIMEOUT must be greater than zero")
+    return value
 
 
 @dataclass(frozen=True)
@@ -49,23 +67,30 @@ def run(
         full_env = dict(os.environ)
         full_env.update(env)
     try:
-        cp = subprocess.run(
+        child = subprocess.Popen(
             list(argv),
-            capture_output=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            stdin=subprocess.PIPE if input_text is not None else subprocess.DEVNULL,
             text=True,
-            timeout=timeout,
             env=full_env,
-            input=input_text,
-            stdin=None if input_text is not None else subprocess.DEVNULL,
-            check=False,
         )
     except FileNotFoundError as exc:
         raise NotFound(
             f"command not found: {argv[0]}", hint="run scripts/setup or install it"
         ) from exc
+    try:
+        out, err = child.communicate(input_text, timeout=timeout)
     except subprocess.TimeoutExpired as exc:
-        raise StepTimeout(f"{argv[0]} did not finish within {timeout:g}s") from exc
-    res = Result(tuple(argv), cp.returncode, cp.stdout, cp.stderr)
+        # Kill, but do not wait: a umount or flush blocked on an unreachable
+        # cluster sits in uninterruptible sleep and cannot die until its I/O
+        # completes. Waiting would make cephvol hang exactly as long; the
+        # abandoned child finishes by itself when the cluster comes back.
+        child.kill()
+        _abandoned.append(child)
+        raise StepTimeout(f"{_describe(argv)} did not finish within {timeout:g}s") from exc
+    res = Result(tuple(argv), child.returncode, out, err)
+    cp = res
     if check and cp.returncode != 0:
         why = _last_line(cp.stderr) or _last_line(cp.stdout) or "no output"
         raise SystemCommandError(f"{_describe(argv)} failed (exit {cp.returncode}): {why}")

@@ -160,8 +160,10 @@ class FuseBackend(Backend):
             # the caller checked the device is unused; flush what the page
             # cache holds for the block device before it goes away
             if mapping.extra.get("fuse_pid"):
-                proc.run(["blockdev", "--flushbufs", mapping.device], timeout=60, check=False)
-            proc.run(["losetup", "-d", mapping.device], timeout=30, check=False)
+                proc.run(["blockdev", "--flushbufs", mapping.device],
+                         timeout=proc.step_timeout(), check=False)
+            proc.run(["losetup", "-d", mapping.device], timeout=proc.step_timeout(),
+                     check=False)
             try:
                 self._wait_loop_gone(mapping.backend_id, timeout=3.0 if force else 10.0)
             except StepTimeout:
@@ -198,7 +200,7 @@ class FuseBackend(Backend):
             delay = 0.05
             argv = [fusermount, "-u", *(["-z"] if lazy else []), str(fuse_dir)]
             for attempt in range(8):
-                res = proc.run(argv, timeout=30, check=False)
+                res = proc.run(argv, timeout=proc.step_timeout(), check=False)
                 if res.returncode == 0:
                     break
                 if attempt == 7:
@@ -208,12 +210,14 @@ class FuseBackend(Backend):
                 delay *= 2
         if lazy:
             return
-        end = time.monotonic() + 60
+        bound = proc.step_timeout()
+        end = time.monotonic() + bound
         for pid in pids:
             while pid_alive(pid, self.paths.proc_root) and time.monotonic() < end:
                 time.sleep(0.02)
             if pid_alive(pid, self.paths.proc_root):
-                raise StepTimeout(f"rbd-fuse (pid {pid}) did not exit within 60s after unmount")
+                raise StepTimeout(f"rbd-fuse (pid {pid}) did not exit within {bound:g}s after "
+                                  "unmount (it flushes to the cluster first)")
         with contextlib.suppress(OSError):
             fuse_dir.rmdir()
 

@@ -336,3 +336,45 @@ def test_cleanup_releases_what_crashed_or_died(cluster: CephCluster, mnt: Path) 
         for n in names:
             cluster.cli("detach", "--force", "--lazy", n)
             cluster.cli("rm", n)
+
+
+def test_detach_with_the_cluster_down_is_bounded_and_loses_nothing(
+        cluster: CephCluster, image: str, mnt: Path) -> None:
+    """Stop the whole cluster under an attached volume: detach must come back
+    within its step bound, say what it could not do, unmap nothing, and
+    finish once the cluster returns, with the data intact."""
+    from cephvol.devcluster import DevCluster
+
+    cluster.cli("create", image, "--size", "64M", check=True)
+    _attach(cluster, image, mnt)
+    payload = os.urandom(2 << 20)
+    (mnt / "p").write_bytes(payload)
+    subprocess.run(["sync", "--file-system", str(mnt)], check=True, timeout=60)
+    (mnt / "late").write_text("written after the last sync")  # still dirty at the crash
+    dc = DevCluster(cluster.conf.parent)
+    dc.down()
+    try:
+        t0 = time.monotonic()
+        cp = cluster.cli("detach", image, CEPHVOL_STEP_TIMEOUT="5", timeout=120)
+        took = time.monotonic() - t0
+        assert cp.returncode == 8, cp.stderr
+        assert "is the cluster reachable?" in cp.stderr and "run `cephvol detach` again" in \
+            cp.stderr
+        print(f"detach with the cluster down returned in {took:.1f}s")
+        assert took < 30, took
+        dev = next(r["device"] for r in json.loads(
+            cluster.cli("status", "--json", check=True).stdout) if r["image"] == image)
+        assert os.path.exists(f"/sys/block/{os.path.basename(dev)}/loop/backing_file")
+    finally:
+        dc.up()
+    deadline = time.monotonic() + 120
+    while True:
+        cp = cluster.cli("detach", image, timeout=180)
+        if cp.returncode == 0 or time.monotonic() > deadline:
+            break
+        time.sleep(2)  # the abandoned umount finishes once the OSD is back
+    assert cp.returncode == 0, cp.stderr
+    _attach(cluster, image, mnt)
+    assert (mnt / "p").read_bytes() == payload
+    assert (mnt / "late").read_text() == "written after the last sync"
+    cluster.cli("detach", image, check=True)
