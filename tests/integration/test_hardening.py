@@ -1,0 +1,155 @@
+"""Hardening against the real cluster: secrets, cluster failures, concurrency."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import threading
+import time
+import uuid
+from pathlib import Path
+
+from tests.conftest import CEPHVOL, CephCluster
+
+
+def _admin_key(cluster: CephCluster) -> str:
+    section = ""
+    for line in (cluster.conf.parent / "keyring").read_text().splitlines():
+        if line.strip().startswith("["):
+            section = line.strip()
+        k, _, v = line.partition("=")
+        if section == "[client.admin]" and k.strip() == "key":
+            return v.strip()
+    raise AssertionError("no admin key")
+
+
+def _every_cmdline() -> str:
+    out = []
+    for pid in os.listdir("/proc"):
+        if pid.isdigit():
+            try:
+                out.append(Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
+                           .decode(errors="replace"))
+            except OSError:
+                pass
+    return "\n".join(out)
+
+
+def test_the_key_is_in_no_argv_log_error_or_output(cluster: CephCluster, image: str,
+                                                   mnt: Path) -> None:
+    key = _admin_key(cluster)
+    seen: list[str] = []
+    stop = threading.Event()
+
+    def watch() -> None:  # every process's argv, all the time attach/detach run
+        while not stop.is_set():
+            seen.append(_every_cmdline())
+            time.sleep(0.01)
+
+    t = threading.Thread(target=watch)
+    t.start()
+    try:
+        outputs = []
+        for args in (("create", image, "--size", "64M"),
+                     ("--debug", "attach", image, "--mountpoint", str(mnt), "--json"),
+                     ("--debug", "status", "--json"), ("doctor", "--json"),
+                     ("--debug", "detach", image), ("--debug", "map", image),
+                     ("--debug", "unmap", image)):
+            cp = cluster.cli(*args)
+            assert cp.returncode == 0, cp.stderr
+            outputs.append(cp.stdout + cp.stderr)
+    finally:
+        stop.set()
+        t.join()
+    assert len(seen) > 20 and any("rbd-fuse" in s for s in seen)  # the watcher saw the run
+    assert not [s for s in seen if key in s]
+    assert not [o for o in outputs if key in o]
+    logs = list((cluster.conf.parent / "log").glob("*.log"))
+    assert logs and not [p for p in logs if key in p.read_text(errors="replace")]
+    assert not [p for p in cluster.state_dir.rglob("*.json") if key in p.read_text()]
+
+
+def _restricted_conf(cluster: CephCluster, tmp: Path, name: str, caps: list[str],
+                     key_override: str | None = None) -> Path:
+    """A client with only `caps`, its own keyring (0600) and config."""
+    out = subprocess.run(["ceph", "-c", str(cluster.conf), "auth", "get-or-create",
+                          f"client.{name}", *caps], capture_output=True, text=True,
+                         check=True, timeout=60).stdout
+    if key_override:
+        out = "\n".join((f"\tkey = {key_override}" if ln.strip().startswith("key") else ln)
+                        for ln in out.splitlines()) + "\n"
+    kr = tmp / f"{name}.keyring"
+    kr.write_text(out)
+    kr.chmod(0o600)
+    conf = tmp / f"{name}.conf"
+    text = cluster.conf.read_text()
+    conf.write_text(text.replace(f"keyring = {cluster.conf.parent}/keyring\n"
+                                 f"log file = {cluster.conf.parent}/log/$name.$pid.log",
+                                 f"keyring = {kr}\nlog file = {cluster.conf.parent}/log/"
+                                 "$name.$pid.log"))
+    assert str(kr) in conf.read_text()
+    return conf
+
+
+def test_wrong_key_is_a_bounded_clear_error(cluster: CephCluster, tmp_path: Path) -> None:
+    conf = _restricted_conf(cluster, tmp_path, f"wrong{uuid.uuid4().hex[:6]}",
+                            ["mon", "profile rbd", "osd", "profile rbd"],
+                            key_override="AQBM5yZnAAAAABAAyFwU6dEsXy0ePEkm8h2wDw==")
+    t0 = time.monotonic()
+    cp = cluster.cli("-c", str(conf), "--id", conf.stem, "ls", "rbd",
+                     CEPHVOL_CONNECT_TIMEOUT="5")
+    assert cp.returncode == 7, cp.stderr
+    assert time.monotonic() - t0 < 30
+    assert "AQBM5yZ" not in cp.stderr and len(cp.stderr.strip().splitlines()) == 1
+
+
+def test_missing_caps_are_named(cluster: CephCluster, image: str, tmp_path: Path) -> None:
+    name = f"ro{uuid.uuid4().hex[:6]}"
+    conf = _restricted_conf(cluster, tmp_path, name,
+                            ["mon", "profile rbd", "osd", "profile rbd-read-only"])
+    cp = cluster.cli("-c", str(conf), "--id", name, "create", image, "--size", "64M")
+    assert cp.returncode == 7, cp.stderr
+    assert "permission denied" in cp.stderr and "caps" in cp.stderr
+
+
+def test_pool_quota_full_is_clear_and_leaves_nothing(cluster: CephCluster,
+                                                     tmp_path: Path) -> None:
+    pool = f"q{uuid.uuid4().hex[:6]}"
+    ceph = ["ceph", "-c", str(cluster.conf)]
+    for cmd in (["osd", "pool", "create", pool, "8", "8"],
+                ["osd", "pool", "application", "enable", pool, "rbd"],
+                ["osd", "pool", "set-quota", pool, "max_objects", "1"]):
+        subprocess.run([*ceph, *cmd], check=True, capture_output=True, timeout=60)
+    try:
+        subprocess.run(["rados", "-c", str(cluster.conf), "-p", pool, "put", "filler",
+                        "/etc/hostname"], check=True, capture_output=True, timeout=60)
+        deadline = time.monotonic() + 60  # the mgr marks the pool full a moment later
+        while True:
+            cp = cluster.cli("create", f"{pool}/full-img", "--size", "64M",
+                             CEPHVOL_CONNECT_TIMEOUT="10", timeout=120)
+            if cp.returncode != 0 or time.monotonic() > deadline:
+                break
+            cluster.cli("rm", f"{pool}/full-img")
+            time.sleep(2)
+        assert cp.returncode in (7, 8), cp.stderr
+        assert "Traceback" not in cp.stderr and len(cp.stderr.strip().splitlines()) == 1
+        names = json.loads(cluster.cli("ls", pool, "--json", check=True).stdout)
+        assert "full-img" not in names
+    finally:
+        subprocess.run([*ceph, "osd", "pool", "rm", pool, pool,
+                        "--yes-i-really-really-mean-it"], capture_output=True, timeout=60)
+
+
+def test_concurrent_detaches_are_serialised(cluster: CephCluster, image: str,
+                                            mnt: Path) -> None:
+    cluster.cli("create", image, "--size", "64M", check=True)
+    assert cluster.cli("attach", image, "--mountpoint", str(mnt)).returncode == 0
+    procs = [subprocess.Popen([CEPHVOL, "detach", image, "--json"], env=cluster.env(),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(4)]
+    results = [p.communicate(timeout=180) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0, 0], results
+    did = [json.loads(out)["detached"] for out, _ in results]
+    assert sorted(did) == [False, False, False, True]  # exactly one ran the steps
+    assert not os.path.ismount(mnt)
