@@ -143,6 +143,11 @@ class Cluster:
             raise ClusterError(f"cannot read ceph config {self.cfg.conf}: {exc}") from exc
         try:
             handle.connect(timeout=int(max(1, t)))
+        except rados.IOError as exc:
+            # librados says only "IOError" for a keyring it cannot use: name it
+            problem = self._keyring_problem(handle)
+            handle.shutdown()
+            raise ClusterError(problem) from exc
         except rados.Error as exc:
             handle.shutdown()
             if isinstance(exc, rados.TimedOut):
@@ -162,6 +167,20 @@ class Cluster:
                 ) from exc
             raise ClusterError(f"cannot connect to the cluster: {type(exc).__name__}") from exc
         self._rados = handle
+
+    def _keyring_problem(self, handle: Any) -> str:
+        from cephvol.secrets import read_secret
+
+        try:
+            keyrings = handle.conf_get("keyring").split(",")
+        except Exception:
+            keyrings = []
+        try:
+            read_secret(keyrings, f"client.{self.cfg.client_id}")
+        except ClusterError as exc:
+            return f"cannot connect as client.{self.cfg.client_id}: {exc.message}"
+        return (f"cannot connect as client.{self.cfg.client_id}: I/O error talking to the "
+                f"monitors (conf {self.cfg.conf})")
 
     def close(self) -> None:
         if self._rados is not None:

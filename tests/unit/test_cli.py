@@ -88,3 +88,32 @@ def test_status_with_nothing_attached(tmp_path: Path) -> None:
     cp = _run("status", "--json", tmp=tmp_path)
     assert cp.returncode == 0, cp.stderr
     assert json.loads(cp.stdout) == []
+
+
+@pytest.mark.parametrize(("keyring", "text"), [
+    (None, "no key for client.admin"),
+    ("garbage without a section", "unreadable or malformed"),
+    ("[client.admin]\nkey = not-base64!!\n", "not valid base64"),
+    ("[client.other]\nkey = AQBM5yZnAAAAABAAyFwU6dEsXy0ePEkm8h2wDw==\n",
+     "no key for client.admin"),
+])
+def test_keyring_problems_are_named(keyring: str | None, text: str, tmp_path: Path) -> None:
+    kr = tmp_path / "keyring"
+    if keyring is not None:
+        kr.write_text(keyring)
+    conf = tmp_path / "ceph.conf"
+    conf.write_text(f"[global]\nmon host = 127.0.0.1:9\nkeyring = {kr}\n"
+                    f"log file = {tmp_path}/client.log\n")
+    cp = _run("ls", tmp=tmp_path, conf=conf)
+    assert cp.returncode == ExitCode.CLUSTER, cp.stderr
+    line = _one_line_error(cp)
+    assert text in line and (keyring is None or str(kr) in line), line
+    assert "AQBM5yZ" not in line
+
+
+def test_malformed_config_is_named(tmp_path: Path) -> None:
+    conf = tmp_path / "ceph.conf"
+    conf.write_bytes(b"this is [not a ceph conf\n\x01\x02")
+    cp = _run("ls", tmp=tmp_path, conf=conf)
+    assert cp.returncode == ExitCode.CLUSTER
+    assert str(conf) in _one_line_error(cp)
