@@ -141,11 +141,17 @@ class Cluster:
             )
         except rados.Error as exc:
             raise ClusterError(f"cannot read ceph config {self.cfg.conf}: {exc}") from exc
+        # without a usable key librados waits out the whole timeout and then
+        # blames the monitors; say what is wrong with the keyring at once
+        problem = self._keyring_problem(handle, quiet_if_ok=True)
+        if problem:
+            handle.shutdown()
+            raise ClusterError(problem)
         try:
             handle.connect(timeout=int(max(1, t)))
         except rados.IOError as exc:
             # librados says only "IOError" for a keyring it cannot use: name it
-            problem = self._keyring_problem(handle)
+            problem = self._keyring_problem(handle) or self._io_problem()
             handle.shutdown()
             raise ClusterError(problem) from exc
         except rados.Error as exc:
@@ -168,17 +174,25 @@ class Cluster:
             raise ClusterError(f"cannot connect to the cluster: {type(exc).__name__}") from exc
         self._rados = handle
 
-    def _keyring_problem(self, handle: Any) -> str:
+    def _keyring_problem(self, handle: Any, *, quiet_if_ok: bool = False) -> str | None:
+        """What is wrong with our cephx key, if anything (never the key itself)."""
         from cephvol.secrets import read_secret
 
+        def get(name: str) -> str:
+            try:
+                return str(handle.conf_get(name) or "")
+            except Exception:
+                return ""
+
+        if "cephx" not in get("auth_client_required") or get("key") or get("keyfile"):
+            return None if quiet_if_ok else self._io_problem()
         try:
-            keyrings = handle.conf_get("keyring").split(",")
-        except Exception:
-            keyrings = []
-        try:
-            read_secret(keyrings, f"client.{self.cfg.client_id}")
+            read_secret(get("keyring").split(","), f"client.{self.cfg.client_id}")
         except ClusterError as exc:
             return f"cannot connect as client.{self.cfg.client_id}: {exc.message}"
+        return None if quiet_if_ok else self._io_problem()
+
+    def _io_problem(self) -> str:
         return (f"cannot connect as client.{self.cfg.client_id}: I/O error talking to the "
                 f"monitors (conf {self.cfg.conf})")
 

@@ -35,7 +35,9 @@ def read_secret(keyring_paths: list[str], entity: str) -> bytes:
             except (binascii.Error, ValueError) as exc:
                 raise ClusterError(
                     f"keyring {path}: the key of {entity} is not valid base64") from exc
-    where = ", ".join(tried) or "no existing keyring file"
+    where = ", ".join(tried) or ("no existing keyring file (looked for "
+                                 + ", ".join(k.strip() for k in keyring_paths if k.strip())
+                                 + ")")
     raise ClusterError(f"no key for {entity} in {where}")
 
 

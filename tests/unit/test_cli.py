@@ -65,7 +65,9 @@ def test_json_errors_are_json(tmp_path: Path) -> None:
 def test_cluster_down_is_exit_7_within_the_timeout(tmp_path: Path) -> None:
     conf = tmp_path / "ceph.conf"
     # port 9 (discard) on loopback: nothing listens, the connection is refused
-    conf.write_text("[global]\nmon host = 127.0.0.1:9\nauth supported = none\n"
+    kr = tmp_path / "keyring"
+    kr.write_text("[client.admin]\nkey = AQBM5yZnAAAAABAAyFwU6dEsXy0ePEkm8h2wDw==\n")
+    conf.write_text(f"[global]\nmon host = 127.0.0.1:9\nkeyring = {kr}\n"
                     f"log file = {tmp_path}/client.log\n")
     cp = _run("ls", tmp=tmp_path, conf=conf)
     assert cp.returncode == ExitCode.CLUSTER, cp.stderr
