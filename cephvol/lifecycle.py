@@ -100,8 +100,6 @@ def attach(host: Host, req: AttachRequest) -> dict[str, Any]:
             if mp is None or (st.mountpoint == mp and _mounted_at(host, st.device, mp)):
                 return _result(st, already=True)
         # fresh attach, or finishing one that was interrupted
-        with Cluster(host.cfg) as cluster:
-            cluster.image_info(spec)  # pool, namespace, image and snapshot must exist
         if found:
             backend = found[0]
         else:
@@ -115,7 +113,18 @@ def attach(host: Host, req: AttachRequest) -> dict[str, Any]:
             st.mountpoint = mp  # mapped earlier without a mount; mount it now
             store.save(spec.key, st)
         _crash_point("journal")
-        mapping = backend.map(spec, opts)
+        try:
+            mapping = backend.map(spec, opts)
+        except CephvolError:
+            # Only now ask the cluster what is missing (pool, namespace, image,
+            # snapshot): the backends' own errors are vaguer, and asking up
+            # front would cost every attach a cluster round trip (~50 ms).
+            # The journal of a map that never happened goes too.
+            if not st.steps:
+                store.remove(spec.key)
+            with Cluster(host.cfg) as cluster:
+                cluster.image_info(spec)
+            raise
         st.backend, st.device, st.backend_id = backend.name, mapping.device, mapping.backend_id
         st.extra = dict(mapping.extra)
         _done(store, spec, st, "map")

@@ -39,6 +39,8 @@ def test_bad_inputs_get_one_line_and_documented_codes(cluster: CephCluster) -> N
         (("create", "rbd/x", "--size", "10Q"), 2, "invalid size"),
         (("create", "rbd/x", "--size", "0"), 2, "greater than zero"),
         (("info", "rbd/does-not-exist"), 3, "not found"),
+        (("attach", "rbd/does-not-exist"), 3, "not found"),
+        (("attach", "nopool/x"), 3, "pool 'nopool' does not exist"),
         (("attach", "rbd/x", "--mountpoint", "relative/dir"), 2, "absolute path"),
         (("attach", "rbd/x", "--mountpoint", "/"), 2, "root"),
         (("attach", "rbd/x", "--mountpoint"), 2, "requires an argument"),
