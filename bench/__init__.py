@@ -1,0 +1,1 @@
+"""cephvol benchmarks: `make bench` (or `.venv/bin/python -m bench`)."""
