@@ -248,6 +248,23 @@ def _comm(pid_dir: Path) -> str:
         return "?"
 
 
+def processes_named(comm: str, proc_root: Path = PROC) -> dict[int, list[str]]:
+    """Live processes named `comm` and their argv, in one pass over /proc
+    (callers that look for many arguments must not rescan /proc for each)."""
+    found: dict[int, list[str]] = {}
+    for pid_dir in _pid_dirs(proc_root):
+        if _comm(pid_dir) != comm:
+            continue
+        try:
+            argv = (pid_dir / "cmdline").read_bytes().split(b"\0")
+            state = (pid_dir / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if state not in ("Z", "X"):
+            found[int(pid_dir.name)] = [a.decode(errors="replace") for a in argv if a]
+    return found
+
+
 def find_processes(comm: str, arg: str, proc_root: Path = PROC) -> list[int]:
     """Pids of live processes named `comm` whose argv contains `arg` exactly."""
     pids = []

@@ -25,7 +25,13 @@ from cephvol.errors import (
     SystemCommandError,
     Unsupported,
 )
-from cephvol.hostfs import find_processes, pid_alive, read_loop_devices, read_mounts
+from cephvol.hostfs import (
+    find_processes,
+    pid_alive,
+    processes_named,
+    read_loop_devices,
+    read_mounts,
+)
 from cephvol.mapper import Backend, MapOptions, Mapping, Support
 from cephvol.spec import ImageSpec, spec_from_key
 
@@ -66,6 +72,10 @@ class FuseBackend(Backend):
             d = os.path.dirname(lo.backing_file)
             if os.path.dirname(d) == root:
                 loops[d] = lo
+        fuse_pids: dict[str, int] = {}
+        for pid, argv in sorted(processes_named("rbd-fuse", self.paths.proc_root).items()):
+            for a in argv:
+                fuse_pids.setdefault(a, pid)
         out = []
         for fuse_dir in sorted(set(mounts) | set(loops)):
             try:
@@ -73,7 +83,7 @@ class FuseBackend(Backend):
             except Exception:
                 continue
             lo = loops.get(fuse_dir)
-            pids = find_processes("rbd-fuse", fuse_dir, self.paths.proc_root)
+            pid = fuse_pids.get(fuse_dir)
             out.append(Mapping(
                 backend=self.name,
                 spec=str(spec),
@@ -81,7 +91,7 @@ class FuseBackend(Backend):
                 backend_id=lo.name if lo else "",
                 read_only=lo.read_only if lo else spec.read_only,
                 extra={"fuse_dir": fuse_dir, "fuse_mounted": fuse_dir in mounts,
-                       "fuse_pid": pids[0] if pids else None},
+                       "fuse_pid": pid},
             ))
         return out
 
