@@ -64,3 +64,24 @@ def test_nbd_open_device_refuses_unmap(guest_ceph: Guest, nbd_image: str) -> Non
         guest_ceph.run(["systemctl", "stop", "cvnbdholder"])
     ok(cv(guest_ceph, "unmap", nbd_image))
     assert ok(guest_ceph.run(["sh", "-c", "pgrep -c rbd-nbd || true"])).strip() == "0"
+
+
+def test_nbd_read_only_and_forced_unmap_of_an_open_device(guest_ceph: Guest,
+                                                          nbd_image: str) -> None:
+    ro = json.loads(ok(cv(guest_ceph, "map", nbd_image, "--backend", "nbd", "--read-only",
+                          "--json")))
+    assert ro["read_only"]
+    w = guest_ceph.run(["dd", "if=/dev/zero", f"of={ro['device']}", "bs=4k", "count=1",
+                        "oflag=direct"])
+    assert w.rc != 0
+    ok(guest_ceph.run(["systemd-run", "--unit=cvnbdholder2", "--collect", "sh", "-c",
+                       f"exec 3<{ro['device']}; exec sleep 300"]))
+    try:
+        guest_ceph.run(["sh", "-c", f"for i in $(seq 50); do fuser -s {ro['device']} && "
+                                    "exit 0; sleep 0.1; done; true"])
+        assert cv(guest_ceph, "unmap", nbd_image).rc == 4
+        ok(cv(guest_ceph, "unmap", "--force", nbd_image))
+        assert json.loads(ok(cv(guest_ceph, "showmapped", "--json"))) == []
+    finally:
+        guest_ceph.run(["systemctl", "stop", "cvnbdholder2"])
+    assert ok(guest_ceph.run(["sh", "-c", "pgrep -c rbd-nbd || true"])).strip() == "0"
