@@ -145,6 +145,15 @@ def rm(obj: Ctx, spec: str, as_json: bool) -> None:
 # -- volumes ---------------------------------------------------------------------
 
 
+def _env_file(text: str | None) -> Path | None:
+    if text is None:
+        return None
+    p = Path(text)
+    if not p.is_absolute() or ".." in p.parts or p.name in ("", "."):
+        raise UsageError(f"--env-file {text!r} must be an absolute file path without '..'")
+    return p
+
+
 def map_options(f: Any) -> Any:
     """The mapping options shared by `attach` and `map`."""
     opts = [
@@ -179,6 +188,8 @@ def _map_opts(kw: dict[str, Any]) -> Any:
 @cli.command()
 @click.argument("spec")
 @click.option("-m", "--mountpoint", help="Mount here; without it the device is only mapped.")
+@click.option("--env-file", help="Also write CEPHVOL_DEVICE, CEPHVOL_MOUNTPOINT, ... here "
+              "(for EnvironmentFile=); detach removes it.")
 @map_options
 @click.option("--fstype", help="Filesystem for a new volume (ext4, xfs); checked on old ones.")
 @click.option("--mkfs/--no-mkfs", default=True, show_default=True,
@@ -190,7 +201,7 @@ def _map_opts(kw: dict[str, Any]) -> Any:
               help="Mount option (repeatable or comma-separated).")
 @json_opt
 @click.pass_obj
-def attach(obj: Ctx, spec: str, mountpoint: str | None, backend: str,
+def attach(obj: Ctx, spec: str, mountpoint: str | None, env_file: str | None, backend: str,
            fstype: str | None, mkfs: bool, mkfs_options: tuple[str, ...], fsck: str,
            mount_options: tuple[str, ...], as_json: bool, **kw: Any) -> None:
     """Map an image, make a filesystem if it has none, mount it; print the device."""
@@ -207,7 +218,8 @@ def attach(obj: Ctx, spec: str, mountpoint: str | None, backend: str,
     req = lifecycle.AttachRequest(
         spec=s, mountpoint=mp, backend=backend, options=mo,
         fstype=fstype, mkfs=mkfs, mkfs_options=list(mkfs_options), fsck=fsck,
-        mount_options=mopts)
+        mount_options=mopts,
+        env_file=_env_file(env_file))
     res = lifecycle.attach(obj.host(), req)
     _emit(res, as_json, res["device"])
 

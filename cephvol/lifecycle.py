@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cephvol import fs, hostfs
+from cephvol import fs, hostfs, units
 from cephvol.cleanup import Observed, Step, plan_detach, split_propagated
 from cephvol.cluster import Cluster, ClusterConfig
 from cephvol.errors import Busy, CephvolError, Conflict, StepTimeout, UsageError
@@ -60,6 +60,7 @@ class AttachRequest:
     mkfs_options: list[str] = field(default_factory=list)
     fsck: str = "auto"
     mount_options: list[str] = field(default_factory=list)
+    env_file: Path | None = None  # written after a successful attach, removed by detach
 
 
 def _crash_point(step: str) -> None:
@@ -98,7 +99,12 @@ def attach(host: Host, req: AttachRequest) -> dict[str, Any]:
                        "but not by cephvol; unmap it first or use that device")
         if found and st and st.phase == "attached" and found[1].device == st.device:
             if mp is None or (st.mountpoint == mp and _mounted_at(host, st.device, mp)):
-                return _result(st, already=True)
+                res = _result(st, already=True)
+                if req.env_file:
+                    st.extra["env_file"] = str(req.env_file)
+                    store.save(spec.key, st)
+                    units.write_env_file(req.env_file, res)
+                return res
         # fresh attach, or finishing one that was interrupted
         if found:
             backend = found[0]
@@ -145,9 +151,14 @@ def attach(host: Host, req: AttachRequest) -> dict[str, Any]:
                          read_only)
             _done(store, spec, st, "mount")
             _crash_point("mount")
+        if req.env_file:
+            st.extra["env_file"] = str(req.env_file)
         st.phase = "attached"
         store.save(spec.key, st)
-        return _result(st, already=False)
+        res = _result(st, already=False)
+        if req.env_file:
+            units.write_env_file(req.env_file, res)
+        return res
 
 
 def _ensure_filesystem(host: Host, backend: Backend, spec: ImageSpec, st: VolumeState,
@@ -326,6 +337,8 @@ def _run_step(host: Host, spec: ImageSpec, step: Step, backend: Backend | None,
         assert backend is not None and mapping is not None
         backend.unmap(mapping, force=force)
     elif step.kind == "forget":
+        st = host.store.load(spec.key)
+        units.remove_env_file(st.extra.get("env_file") if st else None)
         host.store.remove(spec.key)
 
 
