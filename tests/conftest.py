@@ -56,9 +56,24 @@ class CephCluster:
         return cp
 
 
+def _bound_loops() -> set[str]:
+    out = subprocess.run(["losetup", "-l", "-n", "-O", "NAME,BACK-FILE"], capture_output=True,
+                         text=True, check=False).stdout
+    return {" ".join(line.split()) for line in out.splitlines() if line.strip()}
+
+
+# loop devices bound before the session: a loop whose rbd-fuse mount was lazily
+# detached shows its backing file as "/IMAGE", outside the session directory,
+# so new loops are found by difference, not by path
+_LOOPS_AT_START: set[str] = set()
+
+
 def _leftovers(base: Path) -> list[str]:
     found = []
     b = str(base)
+    for lo in sorted(_bound_loops() - _LOOPS_AT_START):
+        if b not in lo:
+            found.append(f"loop {lo}")
     for line in Path("/proc/self/mountinfo").read_text().splitlines():
         mp = line.split()[4]
         if mp.startswith(b):
@@ -83,6 +98,7 @@ def _leftovers(base: Path) -> list[str]:
 
 @pytest.fixture(scope="session")
 def session_base(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    _LOOPS_AT_START.update(_bound_loops())
     base = Path(tmp_path_factory.mktemp("cephvol"))
     yield base
 
@@ -125,6 +141,13 @@ def _brute_force_cleanup(base: Path, *, kill_all: bool = False) -> None:
         f = line.split()
         if f[4].startswith(b):
             mounts.append((f[4], f[2], line.split(" - ", 1)[1].split()[0]))
+    # loops first: once their rbd-fuse mount is lazily detached, their backing
+    # path no longer names `base` and they could not be found any more
+    out = subprocess.run(["losetup", "-l", "-n", "-O", "NAME,BACK-FILE"], capture_output=True,
+                         text=True, check=False).stdout
+    for line in out.splitlines():
+        if b in line:
+            subprocess.run(["losetup", "-d", line.split()[0]], check=False, capture_output=True)
     fusectl = Path("/sys/fs/fuse/connections")
     if any(t.startswith("fuse") for _, _, t in mounts) and not any(fusectl.iterdir()):
         subprocess.run(["mount", "-t", "fusectl", "none", str(fusectl)], check=False,
@@ -135,11 +158,6 @@ def _brute_force_cleanup(base: Path, *, kill_all: bool = False) -> None:
             if abort.exists():
                 abort.write_text("1")
         subprocess.run(["umount", "-l", mp], check=False, capture_output=True, timeout=30)
-    out = subprocess.run(["losetup", "-l", "-n", "-O", "NAME,BACK-FILE"], capture_output=True,
-                         text=True, check=False).stdout
-    for line in out.splitlines():
-        if b in line:
-            subprocess.run(["losetup", "-d", line.split()[0]], check=False, capture_output=True)
     for pid in os.listdir("/proc"):
         if pid.isdigit():
             try:
