@@ -131,3 +131,23 @@ def test_template_unit_attaches_and_detaches(guest_ceph: Guest,
     ok(guest_ceph.run(["systemctl", "stop", inst], timeout=180))
     assert ok(guest_ceph.run(["ls", "/sys/bus/rbd/devices"])).strip() == ""
     assert guest_ceph.run(["test", "-e", f"/run/cephvol/{escape(spec)}.env"]).rc != 0
+
+
+def test_cleanup_unit_detaches_everything_when_stopped(guest_ceph: Guest,
+                                                       app: tuple[str, str]) -> None:
+    spec, name = app
+    guest_ceph.put("/etc/systemd/system/cephvol-cleanup.service",
+                   (REPO / "units" / "cephvol-cleanup.service").read_bytes(), 0o644)
+    ok(guest_ceph.run(["systemctl", "daemon-reload"]))
+    v = guest_ceph.run(["systemd-analyze", "verify",
+                        "/etc/systemd/system/cephvol-cleanup.service"], timeout=120)
+    assert v.rc == 0 and "cephvol-cleanup" not in v.stderr, v.stderr
+    ok(guest_ceph.run(["systemctl", "start", "cephvol-cleanup"], timeout=180))
+    ok(cv(guest_ceph, "attach", spec, "--mountpoint", f"/srv/manual/{name}"))
+    ok(guest_ceph.run(["sh", "-c", f"echo kept > /srv/manual/{name}/f"]))
+    ok(guest_ceph.run(["systemctl", "stop", "cephvol-cleanup"], timeout=300))  # = shutdown
+    assert ok(guest_ceph.run(["ls", "/sys/bus/rbd/devices"])).strip() == ""
+    assert ok(cv(guest_ceph, "status", "--json")).strip() == "[]"
+    ok(cv(guest_ceph, "attach", spec, "--mountpoint", f"/srv/manual/{name}"))
+    assert ok(guest_ceph.run(["cat", f"/srv/manual/{name}/f"])).strip() == "kept"
+    ok(cv(guest_ceph, "detach", spec))
