@@ -267,20 +267,7 @@ def processes_named(comm: str, proc_root: Path = PROC) -> dict[int, list[str]]:
 
 def find_processes(comm: str, arg: str, proc_root: Path = PROC) -> list[int]:
     """Pids of live processes named `comm` whose argv contains `arg` exactly."""
-    pids = []
-    for pid_dir in _pid_dirs(proc_root):
-        if _comm(pid_dir) != comm:
-            continue
-        try:
-            argv = (pid_dir / "cmdline").read_bytes().split(b"\0")
-            state = (pid_dir / "stat").read_text().rsplit(")", 1)[1].split()[0]
-        except OSError:
-            continue
-        if state in ("Z", "X"):
-            continue
-        if arg.encode() in argv:
-            pids.append(int(pid_dir.name))
-    return sorted(pids)
+    return sorted(pid for pid, argv in processes_named(comm, proc_root).items() if arg in argv)
 
 
 def device_number(path: str) -> tuple[int, int]:

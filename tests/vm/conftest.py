@@ -9,7 +9,8 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
+import uuid
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -124,4 +125,24 @@ def configure_ceph_client(guest: Guest, vm_cluster: NsCluster) -> Guest:
     guest.put("/etc/ceph/keyring",
               f"[client.admin]\n\tkey = {vm_cluster.admin_key()}\n".encode(), 0o600)
     return guest
+
+
+@pytest.fixture
+def vm_image(guest_ceph: Guest, vm_cluster: NsCluster) -> Iterator[Callable[[str], str]]:
+    """Make a 64 MiB image named PREFIX-<random>; at the end it is force-detached in
+    the guest (whatever the test left) and removed."""
+    made: list[str] = []
+
+    def make(prefix: str) -> str:
+        spec = f"rbd/{prefix}-{uuid.uuid4().hex[:8]}"
+        vm_cluster.cli("create", spec, "--size", "64M")
+        made.append(spec)
+        return spec
+
+    yield make
+    for spec in made:
+        guest_ceph.run(["cephvol", "detach", "--force", spec], timeout=120)
+        for dev in guest_ceph.run(["ls", "/sys/bus/rbd/devices"]).stdout.split():
+            guest_ceph.run(["sh", "-c", f"echo '{dev} force' > /sys/bus/rbd/remove_single_major"])
+        vm_cluster.run(["cephvol", "rm", spec])
 

@@ -5,8 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import uuid
-from collections.abc import Iterator
+from collections.abc import Callable
 
 import pytest
 
@@ -31,14 +30,8 @@ def ok(r: GuestResult) -> str:
 
 
 @pytest.fixture
-def image(guest_ceph: Guest, vm_cluster: NsCluster) -> Iterator[str]:
-    name = f"rbd/k-{uuid.uuid4().hex[:8]}"
-    vm_cluster.cli("create", name, "--size", "64M")
-    yield name
-    cv(guest_ceph, "detach", "--force", name)
-    for line in guest_ceph.run(["sh", "-c", "ls /sys/bus/rbd/devices"]).stdout.split():
-        guest_ceph.run(["sh", "-c", f"echo '{line} force' > /sys/bus/rbd/remove_single_major"])
-    vm_cluster.run(["cephvol", "rm", name])
+def image(vm_image: Callable[[str], str]) -> str:
+    return vm_image("k")
 
 
 def test_map_is_idempotent_reported_and_keeps_the_key_out_of_sysfs(

@@ -7,12 +7,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import uuid
-from collections.abc import Iterator
+from collections.abc import Callable
 
 import pytest
 
-from tests.vm.conftest import NsCluster
 from tests.vm.harness import Guest
 from tests.vm.test_krbd_backend import cv, ok
 
@@ -21,12 +19,8 @@ DETACH_STEPS = ["detach-sync", "detach-umount", "detach-check-unused", "detach-u
 
 
 @pytest.fixture
-def fimage(guest_ceph: Guest, vm_cluster: NsCluster) -> Iterator[str]:
-    name = f"rbd/f-{uuid.uuid4().hex[:8]}"
-    vm_cluster.cli("create", name, "--size", "64M")
-    yield name
-    cv(guest_ceph, "detach", "--force", name)
-    vm_cluster.run(["cephvol", "rm", name])
+def fimage(vm_image: Callable[[str], str]) -> str:
+    return vm_image("f")
 
 
 def _clean(g: Guest) -> None:

@@ -5,8 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import uuid
-from collections.abc import Iterator
+from collections.abc import Callable
 
 import pytest
 
@@ -16,12 +15,8 @@ from tests.vm.test_krbd_backend import _SNAP, cv, ok
 
 
 @pytest.fixture
-def nbd_image(guest_ceph: Guest, vm_cluster: NsCluster) -> Iterator[str]:
-    name = f"rbd/n-{uuid.uuid4().hex[:8]}"
-    vm_cluster.cli("create", name, "--size", "64M")
-    yield name
-    cv(guest_ceph, "detach", "--force", name)
-    vm_cluster.run(["cephvol", "rm", name])
+def nbd_image(vm_image: Callable[[str], str]) -> str:
+    return vm_image("n")
 
 
 def test_nbd_map_idempotent_attach_round_trip_and_snapshot(
