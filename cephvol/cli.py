@@ -177,10 +177,8 @@ def map_options(f: Any) -> Any:
 def _map_opts(kw: dict[str, Any]) -> Any:
     from cephvol.mapper import MapOptions
 
-    mo = MapOptions(read_only=kw.pop("read_only"), exclusive=kw.pop("exclusive"),
-                    lock_timeout=kw.pop("lock_timeout"), queue_depth=kw.pop("queue_depth"),
-                    notrim=kw.pop("notrim"), io_timeout=kw.pop("io_timeout"),
-                    reattach_timeout=kw.pop("reattach_timeout"))
+    # the map_options above are named after MapOptions' fields
+    mo = MapOptions(**{name: kw.pop(name) for name in MapOptions.__dataclass_fields__})
     mo.validate()
     return mo
 

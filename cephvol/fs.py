@@ -150,9 +150,6 @@ def sync_fs(mountpoint: str) -> None:
     proc.run(["sync", "--file-system", mountpoint], timeout=proc.step_timeout(), check=False)
 
 
-
-
-
 CAP_SYS_RESOURCE = 24
 
 
@@ -174,8 +171,7 @@ def grow(device: str, fstype: str, mountpoint: str) -> None:
                     "lacks CAP_SYS_RESOURCE (a restricted container?); the image and "
                     "device are grown, and the next `cephvol attach` after a detach "
                     "grows the filesystem offline")
-            raise SystemCommandError(f"resize2fs {device} failed: "
-                                     f"{res.stderr.strip().splitlines()[-1:]}")
+            raise proc.failure(res)
     elif fstype == "xfs":
         proc.run(["xfs_growfs", mountpoint], timeout=3600)
     else:

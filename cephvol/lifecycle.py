@@ -24,6 +24,7 @@ from cephvol.mapper import (
     MapOptions,
     Mapping,
     all_backends,
+    list_all,
     make_backend,
     select_backend,
 )
@@ -99,12 +100,7 @@ def attach(host: Host, req: AttachRequest) -> dict[str, Any]:
                        "but not by cephvol; unmap it first or use that device")
         if found and st and st.phase == "attached" and found[1].device == st.device:
             if mp is None or (st.mountpoint == mp and _mounted_at(host, st.device, mp)):
-                res = _result(st, already=True)
-                if req.env_file:
-                    st.extra["env_file"] = str(req.env_file)
-                    store.save(spec.key, st)
-                    units.write_env_file(req.env_file, res)
-                return res
+                return _finish(store, spec, st, req.env_file, already=True)
         # fresh attach, or finishing one that was interrupted
         if found:
             backend = found[0]
@@ -151,14 +147,22 @@ def attach(host: Host, req: AttachRequest) -> dict[str, Any]:
                          read_only)
             _done(store, spec, st, "mount")
             _crash_point("mount")
-        if req.env_file:
-            st.extra["env_file"] = str(req.env_file)
+        return _finish(store, spec, st, req.env_file, already=False)
+
+
+def _finish(store: StateStore, spec: ImageSpec, st: VolumeState, env_file: Path | None, *,
+            already: bool) -> dict[str, Any]:
+    """Record the volume as attached, then hand it over (env file), in that
+    order: detach learns of the env file from the journal and removes it."""
+    if env_file:
+        st.extra["env_file"] = str(env_file)
+    if env_file or not already:
         st.phase = "attached"
         store.save(spec.key, st)
-        res = _result(st, already=False)
-        if req.env_file:
-            units.write_env_file(req.env_file, res)
-        return res
+    res = _result(st, already=already)
+    if env_file:
+        units.write_env_file(env_file, res)
+    return res
 
 
 def _ensure_filesystem(host: Host, backend: Backend, spec: ImageSpec, st: VolumeState,
@@ -345,14 +349,15 @@ def _run_step(host: Host, spec: ImageSpec, step: Step, backend: Backend | None,
 def _check_unused(host: Host, device: str, ignore_pids: set[int] | None = None) -> None:
     devnum = hostfs.device_number(device)
     name = os.path.basename(device)
-    mounted = [m.mountpoint for m in host.mounts() if m.devnum == devnum]
-    if mounted:
-        raise Busy(f"{device} is still mounted at {', '.join(mounted)}; not unmapping")
+    by_ns = _mounts_by_ns(devnum, host.paths.proc_root)
+    _, mine = by_ns.pop(os.readlink(host.paths.proc_root / "self" / "ns" / "mnt"), (0, []))
+    if mine:
+        raise Busy(f"{device} is still mounted at {', '.join(m.mountpoint for m in mine)}; "
+                   "not unmapping")
     # a propagated copy that did not go with our umount (something in that
     # namespace holds it) still uses the device
     elsewhere = [f"{m.mountpoint} in the mount namespace of pid {pid}"
-                 for pid, ms in _mounts_by_ns(devnum, host.paths.proc_root).values()
-                 for m in ms]
+                 for pid, ms in by_ns.values() for m in ms]
     if elsewhere:
         raise Busy(f"{device} is still mounted at {'; '.join(elsewhere)}; not unmapping "
                    "(or --force)")
@@ -392,20 +397,19 @@ def cleanup(host: Host, *, everything: bool = False, force: bool = False
     attached. Each goes through the same detach, so a volume that is still
     mounted by a container is reported busy, not torn away (unless `force`).
     """
+    mappings = {m.spec: m for m in list_all(host.paths, host.cfg)}  # one listing for all
     specs: dict[str, str] = {}
+    journalled = set()
     for key in host.store.keys():
         st = host.store.load(key)
         if st is None:
             continue
-        spec = parse_spec(st.spec)
-        found = _find_mapping(host, spec)
-        reason = "detach all" if everything else _stale_reason(
-            host, st, found[1] if found else None)
+        journalled.add(st.spec)
+        reason = "detach all" if everything else _stale_reason(host, st, mappings.get(st.spec))
         if reason:
             specs[st.spec] = reason
-    fuse = make_backend("fuse", host.paths, host.cfg)
-    for m in fuse.list_mappings():
-        if m.spec not in specs and host.store.load(parse_spec(m.spec).key) is None:
+    for m in mappings.values():
+        if m.backend == "fuse" and m.spec not in journalled:
             specs[m.spec] = "fuse mapping without a journal (an interrupted attach)"
     out = []
     for text, reason in sorted(specs.items()):

@@ -90,11 +90,15 @@ def run(
         _abandoned.append(child)
         raise StepTimeout(f"{_describe(argv)} did not finish within {timeout:g}s") from exc
     res = Result(tuple(argv), child.returncode, out, err)
-    cp = res
-    if check and cp.returncode != 0:
-        why = _last_line(cp.stderr) or _last_line(cp.stdout) or "no output"
-        raise SystemCommandError(f"{_describe(argv)} failed (exit {cp.returncode}): {why}")
+    if check and res.returncode != 0:
+        raise failure(res)
     return res
+
+
+def failure(res: Result) -> SystemCommandError:
+    """The error for a failed command: its name and its own last words."""
+    why = _last_line(res.stderr) or _last_line(res.stdout) or "no output"
+    return SystemCommandError(f"{_describe(res.argv)} failed (exit {res.returncode}): {why}")
 
 
 # subcommands worth naming in an error ("rbd-nbd map failed"); option values

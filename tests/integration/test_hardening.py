@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import subprocess
@@ -10,18 +11,13 @@ import time
 import uuid
 from pathlib import Path
 
+from cephvol.secrets import read_secret
 from tests.conftest import CEPHVOL, CephCluster
 
 
 def _admin_key(cluster: CephCluster) -> str:
-    section = ""
-    for line in (cluster.conf.parent / "keyring").read_text().splitlines():
-        if line.strip().startswith("["):
-            section = line.strip()
-        k, _, v = line.partition("=")
-        if section == "[client.admin]" and k.strip() == "key":
-            return v.strip()
-    raise AssertionError("no admin key")
+    secret = read_secret([str(cluster.conf.parent / "keyring")], "client.admin")
+    return base64.b64encode(secret).decode()
 
 
 def _every_cmdline() -> str:

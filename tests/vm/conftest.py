@@ -6,6 +6,7 @@ per session; all three are torn down at the end, also after failures.
 
 from __future__ import annotations
 
+import base64
 import os
 import subprocess
 import sys
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from cephvol.secrets import read_secret
 from tests.vm.harness import HOST_ADDR, Guest, NetNS, ensure_image, unavailable
 
 CEPHVOL = str(Path(sys.executable).parent / "cephvol")
@@ -57,14 +59,8 @@ class NsCluster:
         return cp.stdout
 
     def admin_key(self) -> str:
-        section = ""
-        for line in (self.directory / "keyring").read_text().splitlines():
-            if line.strip().startswith("["):
-                section = line.strip()
-            k, _, v = line.partition("=")
-            if section == "[client.admin]" and k.strip() == "key":
-                return v.strip()
-        raise AssertionError("no client.admin key in the dev cluster keyring")
+        secret = read_secret([str(self.directory / "keyring")], "client.admin")
+        return base64.b64encode(secret).decode()
 
     def mon_v1(self) -> str:
         for line in self.conf.read_text().splitlines():
