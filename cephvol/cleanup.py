@@ -7,7 +7,8 @@ the steps; each is idempotent, so `detach` can simply be run again after any
 failure or crash, and it finishes what is left.
 
 Data rules enforced here: flush before unmount and before unmap; never
-unmap a device that is mounted or open unless the operator forced it; a
+unmap a device that is mounted or open unless the operator forced it; give
+up ownership (another host may then write) only after the unmap; a
 mount in another live mount namespace is a user (a running container), so it
 makes the device busy rather than being unmounted behind the container's back.
 """
@@ -21,7 +22,7 @@ from cephvol.hostfs import Mount
 
 @dataclass(frozen=True)
 class Step:
-    kind: str  # "sync", "umount", "check-unused", "unmap", "forget", "refuse"
+    kind: str  # "sync", "umount", "check-unused", "unmap", "release", "forget", "refuse"
     target: str = ""
     detail: str = ""
 
@@ -37,6 +38,7 @@ class Observed:
     own_mounts: list[Mount] = field(default_factory=list)
     foreign_mounts: dict[str, list[Mount]] = field(default_factory=dict)  # ns -> mounts
     foreign_pids: dict[str, int] = field(default_factory=dict)  # ns -> a pid inside
+    owned: bool = False  # the journal says this host took ownership in the cluster
 
 
 def split_propagated(own: list[Mount], foreign: list[Mount]) -> tuple[list[Mount], list[Mount]]:
@@ -72,6 +74,9 @@ def plan_detach(obs: Observed, *, force: bool = False, lazy: bool = False) -> li
         if obs.device:
             steps.append(Step("check-unused", obs.device, "skip" if force else ""))
         steps.append(Step("unmap", obs.device, "force" if force else ""))
+    if obs.owned:
+        # only once nothing is mapped: another host may write as soon as it goes
+        steps.append(Step("release", obs.key))
     if obs.journal_present or steps:
         steps.append(Step("forget", obs.key))
     return steps

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,7 @@ from cephvol import __version__
 from cephvol.errors import CephvolError, ExitCode, UsageError
 
 log = logging.getLogger("cephvol")
+_log_target = "stderr"  # or "journal" once the group callback ran under systemd
 
 
 class Ctx:
@@ -62,8 +64,10 @@ json_opt = click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def cli(ctx: click.Context, conf: str | None, client_id: str | None,
         connect_timeout: float | None, state_dir: str | None, debug: bool) -> None:
     """Ceph RBD volumes for containers: map, mount, hand over, unmount, unmap."""
-    logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING,
-                        format="cephvol: %(message)s", stream=sys.stderr)
+    from cephvol import supervisor
+
+    global _log_target
+    _log_target = supervisor.configure(debug)
     ctx.obj = Ctx(conf, client_id, connect_timeout, state_dir)
 
 
@@ -84,8 +88,14 @@ def create(obj: Ctx, spec: str, size: str, as_json: bool) -> None:
     nbytes = parse_size(size)
     with Cluster(obj.cfg()) as c:
         created = c.create_image(s, nbytes)
-    _emit({"image": str(s), "size": nbytes, "created": created}, as_json,
-          f"{'created' if created else 'exists'} {s} {format_size(nbytes)}")
+        free = c.pool_free(s.pool)
+    res: dict[str, Any] = {"image": str(s), "size": nbytes, "created": created}
+    if free is not None and nbytes > free:
+        # thin provisioning makes this legal, and sometimes meant; say it anyway
+        res["warning"] = (f"{format_size(nbytes)} is more than pool {s.pool} can still take "
+                          f"({format_size(free)} free): writes will fail once it is full")
+        click.echo(f"cephvol: warning: {res['warning']}", err=True)
+    _emit(res, as_json, f"{'created' if created else 'exists'} {s} {format_size(nbytes)}")
 
 
 @cli.command()
@@ -125,20 +135,11 @@ def ls_cmd(obj: Ctx, pool: str, as_json: bool) -> None:
 @json_opt
 @click.pass_obj
 def rm(obj: Ctx, spec: str, as_json: bool) -> None:
-    """Remove an image; refused while it is mapped, open or locked anywhere."""
-    from cephvol.cluster import Cluster
-    from cephvol.lifecycle import _find_mapping
+    """Remove an image; refused while it is mapped, open, locked or owned anywhere."""
+    from cephvol import lifecycle
 
     s = _spec(spec, allow_snap=False)
-    host = obj.host()
-    found = _find_mapping(host, s)
-    if found:
-        from cephvol.errors import Busy
-
-        raise Busy(f"{s} is mapped on this host at {found[1].device or '(half-mapped)'}; "
-                   "detach it first")
-    with Cluster(host.cfg) as c:
-        c.remove_image(s)
+    lifecycle.remove(obj.host(), s)
     _emit({"image": str(s), "removed": True}, as_json, f"removed {s}")
 
 
@@ -161,8 +162,9 @@ def map_options(f: Any) -> Any:
                      type=click.Choice(["auto", "krbd", "nbd", "fuse"]),
                      help="auto: krbd if the kernel can, else nbd, else fuse."),
         click.option("--read-only", is_flag=True, help="Map (and mount) read-only."),
-        click.option("--exclusive", is_flag=True,
-                     help="krbd/nbd: hold the image's exclusive lock (refuse a second writer)."),
+        click.option("--exclusive/--no-exclusive", default=None,
+                     help="krbd/nbd: hold the image's exclusive lock (refuse a second writer, "
+                          "but also online resize). Default: on for writable krbd attaches."),
         click.option("--lock-timeout", type=int, help="With --exclusive: seconds to wait."),
         click.option("--queue-depth", type=int, help="krbd: request queue depth."),
         click.option("--notrim", is_flag=True, help="krbd: turn off discard/trim."),
@@ -172,6 +174,30 @@ def map_options(f: Any) -> Any:
     for o in reversed(opts):
         f = o(f)
     return f
+
+
+def owner_options(f: Any) -> Any:
+    """Ownership of a writable volume across hosts (see `cephvol owner`)."""
+    for opt in reversed([
+        click.option("--takeover", is_flag=True,
+                      help="Take the volume from a dead host: wait for its client to go, "
+                           "fence it (osd blocklist), then own it here."),
+        click.option("--force", is_flag=True,
+                     help="With --takeover: fence the owner even if it looks alive."),
+        click.option("--takeover-wait", type=float, default=45.0, show_default=True,
+                     help="With --takeover: seconds to wait for the owner's client to go."),
+    ]):
+        f = opt(f)
+    return f
+
+
+def _owner_kw(kw: dict[str, Any]) -> dict[str, Any]:
+    takeover, force, wait = kw.pop("takeover"), kw.pop("force"), kw.pop("takeover_wait")
+    if force and not takeover:
+        raise UsageError("--force only goes with --takeover (it fences a live owner)")
+    if wait <= 0:
+        raise UsageError("--takeover-wait must be greater than zero")
+    return {"takeover": takeover, "force": force, "takeover_wait": wait}
 
 
 def _map_opts(kw: dict[str, Any]) -> Any:
@@ -189,6 +215,7 @@ def _map_opts(kw: dict[str, Any]) -> Any:
 @click.option("--env-file", help="Also write CEPHVOL_DEVICE, CEPHVOL_MOUNTPOINT, ... here "
               "(for EnvironmentFile=); detach removes it.")
 @map_options
+@owner_options
 @click.option("--fstype", help="Filesystem for a new volume (ext4, xfs); checked on old ones.")
 @click.option("--mkfs/--no-mkfs", default=True, show_default=True,
               help="Make a filesystem if the device holds nothing at all.")
@@ -207,6 +234,7 @@ def attach(obj: Ctx, spec: str, mountpoint: str | None, env_file: str | None, ba
     from cephvol.spec import parse_mountpoint
 
     s = _spec(spec)
+    owner_kw = _owner_kw(kw)
     mo = _map_opts(kw)
     mp = Path(str(parse_mountpoint(mountpoint))) if mountpoint is not None else None
     mopts = [o for opt in mount_options for o in opt.split(",") if o]
@@ -217,7 +245,7 @@ def attach(obj: Ctx, spec: str, mountpoint: str | None, env_file: str | None, ba
         spec=s, mountpoint=mp, backend=backend, options=mo,
         fstype=fstype, mkfs=mkfs, mkfs_options=list(mkfs_options), fsck=fsck,
         mount_options=mopts,
-        env_file=_env_file(env_file))
+        env_file=_env_file(env_file), **owner_kw)
     res = lifecycle.attach(obj.host(), req)
     _emit(res, as_json, res["device"])
 
@@ -256,14 +284,16 @@ def resize(obj: Ctx, spec: str, size: str, as_json: bool) -> None:
 @cli.command(name="map")
 @click.argument("spec")
 @map_options
+@owner_options
 @json_opt
 @click.pass_obj
 def map_cmd(obj: Ctx, spec: str, backend: str, as_json: bool, **kw: Any) -> None:
     """Map an image to a block device and print it (no filesystem, no mount)."""
     from cephvol import lifecycle
 
+    owner_kw = _owner_kw(kw)
     req = lifecycle.AttachRequest(spec=_spec(spec), mountpoint=None, backend=backend,
-                                  options=_map_opts(kw), mkfs=False)
+                                  options=_map_opts(kw), mkfs=False, **owner_kw)
     res = lifecycle.attach(obj.host(), req)
     _emit(res, as_json, res["device"])
 
@@ -344,12 +374,46 @@ def status(obj: Ctx, as_json: bool) -> None:
     """List attached volumes and every mapping any backend shows."""
     from cephvol import lifecycle
 
-    rows = lifecycle.status(obj.host())
-    lines = [f"{'IMAGE':32} {'BACKEND':7} {'DEVICE':12} {'PHASE':9} MOUNTPOINT"]
+    host = obj.host()
+    rows = lifecycle.status(host)
+    try:
+        me = host.identity
+        who = f"host {me.name} (id {me.id})"
+    except CephvolError as exc:
+        who = f"host identity unknown: {exc}"
+    lines = [who, f"{'IMAGE':32} {'BACKEND':7} {'DEVICE':12} {'PHASE':9} MOUNTPOINT"]
     for r in rows:
         lines.append(f"{r['image']:32} {r['backend'] or '-':7} {r['device'] or '-':12} "
                      f"{r['phase']:9} {r['mountpoint'] or '-'}")
     _emit(rows, as_json, "\n".join(lines))
+
+
+@cli.command()
+@click.argument("spec")
+@click.option("--release", is_flag=True,
+              help="Give back this host's ownership when nothing is mapped here "
+                   "(after /run was lost); never another host's.")
+@json_opt
+@click.pass_obj
+def owner(obj: Ctx, spec: str, release: bool, as_json: bool) -> None:
+    """Show which host owns a volume (may write it), since when, and from whom
+    it was taken over."""
+    from cephvol import lifecycle
+
+    res = lifecycle.owner(obj.host(), _spec(spec, allow_snap=False), release=release)
+    rec = res["owner"]
+    if rec is None:
+        text = f"{res['image']}: not owned by any host"
+    else:
+        text = (f"{res['image']}: owned by host {rec['host']} (id {rec['host_id']}) since "
+                f"{rec['since']}" + (" -- this host" if res["this_host"] else ""))
+        if rec.get("taken_over_from"):
+            prev = rec["taken_over_from"]
+            text += (f"; taken over at {prev['at']} from host {prev['host']} "
+                     f"(id {prev['host_id']}), fenced: {', '.join(prev['fenced']) or '-'}")
+    if res.get("released"):
+        text = f"{res['image']}: released (was owned by this host)"
+    _emit(res, as_json, text)
 
 
 # -- local cluster ----------------------------------------------------------------
@@ -436,6 +500,123 @@ def _check_addr(addr: str, allowed_elsewhere: str | bool | None) -> None:
                          "or when told to (--expose)")
 
 
+# -- systemd units ---------------------------------------------------------------
+
+
+@cli.group()
+def units() -> None:
+    """systemd units: render application units, install cephvol's own."""
+
+
+def app_unit_options(f: Any) -> Any:
+    for opt in reversed([
+        click.option("--for", "kind", type=click.Choice(["docker", "podman", "plain"]),
+                     help="What ExecStart= runs."),
+        click.option("--style", default="bind", show_default=True,
+                     type=click.Choice(["bind", "device"]),
+                     help="bind: host mounts, container gets the directory; device: "
+                          "container gets the block device and SYS_ADMIN."),
+        click.option("--image", help="Container image (docker, podman)."),
+        click.option("--command", help="plain: the ExecStart= line; docker/podman: "
+                                       "arguments after the image. Inserted as written."),
+        click.option("--name", help="Unit (and container) name [the image's name]."),
+        click.option("--mountpoint", help="bind: host mountpoint [/srv/cephvol/NAME]."),
+        click.option("--container-path",
+                     help="Path inside the container [/data, or /dev/cephvol for device]."),
+        click.option("--setenv", multiple=True, help="NAME=VALUE for the unit (no secrets)."),
+        click.option("--cephvol-path", help="cephvol in the units [this cephvol's path]."),
+        click.option("--runtime-path", help="docker/podman binary [found on PATH]."),
+        click.option("--fleet", is_flag=True, help="Add an [X-Fleet] section."),
+    ]):
+        f = opt(f)
+    return f
+
+
+def _cephvol_path(given: str | None) -> str:
+    import shutil
+
+    if given:
+        return given
+    found = shutil.which("cephvol") or shutil.which(sys.argv[0])
+    return str(Path(found).absolute()) if found else "/usr/local/bin/cephvol"
+
+
+def _app_unit(volume: str, kind: str | None, kw: dict[str, Any]) -> Any:
+    import shutil
+
+    from cephvol.units import AppUnit, default_unit_name
+
+    if kind is None:
+        raise UsageError("--for docker|podman|plain is required")
+    spec = _spec(volume, allow_snap=False)
+    env = []
+    for item in kw["setenv"]:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise UsageError(f"--setenv {item!r}: expected NAME=VALUE")
+        env.append((key, value))
+    runtime = kw["runtime_path"]
+    if runtime is None and kind != "plain":
+        found = shutil.which(kind)
+        runtime = str(Path(found).absolute()) if found else None
+    return AppUnit(spec=spec, kind=kind, name=kw["name"] or default_unit_name(spec),
+                   style=kw["style"], image=kw["image"], command=kw["command"],
+                   mountpoint=kw["mountpoint"], container_path=kw["container_path"],
+                   environment=tuple(env), cephvol=_cephvol_path(kw["cephvol_path"]),
+                   runtime=runtime, fleet=kw["fleet"])
+
+
+@units.command(name="render")
+@click.argument("volume")
+@app_unit_options
+@click.option("-o", "--output-dir", default=".", show_default=True,
+              help="Write NAME.service here; '-' prints it.")
+@json_opt
+def units_render(volume: str, kind: str | None, output_dir: str, as_json: bool,
+                 **kw: Any) -> None:
+    """Write an application unit that attaches VOLUME before it starts and
+    detaches it after it stops."""
+    from cephvol.units import render_app, write_units
+
+    name, text = render_app(_app_unit(volume, kind, kw))
+    if output_dir == "-":
+        click.echo(text, nl=False)
+        return
+    rows = write_units({name: text}, Path(output_dir).absolute(), force=False)
+    _emit(rows[0], as_json, rows[0]["path"])
+
+
+@units.command(name="install")
+@click.argument("volume", required=False)
+@app_unit_options
+@click.option("--unit-dir", default="/etc/systemd/system", show_default=True)
+@click.option("--force", is_flag=True, help="Replace unit files cephvol did not write.")
+@click.option("--no-reload", is_flag=True, help="Do not run systemctl daemon-reload.")
+@json_opt
+def units_install(volume: str | None, kind: str | None, unit_dir: str, force: bool,
+                  no_reload: bool, as_json: bool, **kw: Any) -> None:
+    """Install cephvol@.service and cephvol-cleanup.service, and with VOLUME
+    --for ... an application unit for it."""
+    from cephvol.units import render_app, render_system_units, systemd_running, write_units
+
+    files = render_system_units(_cephvol_path(kw["cephvol_path"]))
+    if volume:
+        name, text = render_app(_app_unit(volume, kind, kw))
+        files[name] = text
+    elif kind:
+        raise UsageError("--for needs a VOLUME")
+    rows = write_units(files, Path(unit_dir), force=force)
+    reloaded = False
+    if not no_reload and systemd_running() and any(r["action"] != "unchanged" for r in rows):
+        from cephvol import proc
+
+        proc.run(["systemctl", "daemon-reload"], timeout=60)
+        reloaded = True
+    _emit({"units": rows, "daemon_reload": reloaded}, as_json,
+          "\n".join(f"{r['action']:9} {r['path']}" for r in rows)
+          + ("\nsystemctl daemon-reload: done" if reloaded else ""))
+
+
 # -- entry point -----------------------------------------------------------------
 
 
@@ -470,6 +651,12 @@ def _fail(message: str, code: int, as_json: bool) -> int:
     message = " ".join(message.split())  # one line, always
     if as_json:
         click.echo(json.dumps({"error": message, "exit_code": int(code)}))
+    if _log_target == "journal":
+        from cephvol import supervisor
+
+        log.error("error: %s", message, extra={"STEP": "error", "EXIT_CODE": str(int(code))})
+        if supervisor.stderr_is_journal(os.environ):
+            return int(code)  # the journal has it already, with fields
     click.echo(f"cephvol: error: {message}", err=True)
     return int(code)
 

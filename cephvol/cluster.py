@@ -99,7 +99,7 @@ def _translate(exc: BaseException, what: str) -> CephvolError:
     if isinstance(exc, rbd.ImageBusy | rados.ObjectBusy):
         return Busy(f"{what}: image is busy (watched or locked)")
     if isinstance(exc, rados.TimedOut | rbd.Timeout):
-        return StepTimeout(f"{what}: cluster did not answer in time")
+        return StepTimeout(f"{what}: cluster did not answer in time (OSDs or monitors down?)")
     if isinstance(exc, rados.PermissionDeniedError | rbd.PermissionError):
         return ClusterError(f"{what}: permission denied (check the client's cephx caps)")
     if isinstance(exc, rbd.InvalidArgument | rados.InvalidArgumentError):
@@ -278,6 +278,19 @@ class Cluster:
             )
         return False
 
+    def pool_free(self, pool: str) -> int | None:
+        """Bytes the pool can still take (`ceph df` max_avail), None if unknown."""
+        try:
+            ret, out, _ = self.mon_command({"prefix": "df", "format": "json"})
+            if ret != 0:
+                return None
+            for p in json.loads(out).get("pools", []):
+                if p.get("name") == pool:
+                    return int(p["stats"]["max_avail"])
+        except (ValueError, KeyError, TypeError):
+            return None
+        return None
+
     def grow_image(self, spec: ImageSpec, size: int) -> tuple[int, bool]:
         """Grow to `size`; returns (old size, changed). Shrinking is refused:
         it would cut off whatever the filesystem keeps at the end."""
@@ -295,6 +308,13 @@ class Cluster:
                 return old, False
             try:
                 img.resize(size, allow_shrink=False)
+            except rbd.ReadOnlyImage as exc:
+                # librbd resizes only with the image's exclusive lock, and a
+                # client that maps with `exclusive` never hands it over
+                raise Busy(f"cannot resize {spec}: a client holds its exclusive lock and "
+                           "does not give it up (a krbd/nbd `exclusive` mapping, cephvol's "
+                           "default for writable krbd attaches). Detach, resize, attach; or "
+                           "attach with --no-exclusive to allow online resize") from exc
             except (rbd.Error, rados.Error) as exc:
                 raise _translate(exc, f"resize {spec}") from exc
             return old, True
@@ -328,6 +348,102 @@ class Cluster:
             watchers=watchers,
             lockers=lockers,
         )
+
+    # -- primitives for ownership records (the logic is in ownership.py) ----
+
+    def image_id(self, spec: ImageSpec) -> str:
+        """The image's id: stable across renames, names its RADOS objects."""
+        import rados
+        import rbd
+
+        with self.image(spec.without_snap()) as img:
+            try:
+                return str(img.id())
+            except (rbd.Error, rados.Error) as exc:
+                raise _translate(exc, f"image {spec}") from exc
+
+    def watchers(self, spec: ImageSpec) -> list[dict[str, Any]]:
+        """Clients watching the image header: every live mapping (krbd,
+        rbd-nbd, rbd-fuse) and every writable open. A read-only open, like
+        this one, does not watch."""
+        import rados
+        import rbd
+
+        with self.image(spec.without_snap()) as img:
+            try:
+                return [dict(w) for w in img.watchers_list()]
+            except (rbd.Error, rados.Error) as exc:
+                raise _translate(exc, f"image {spec}") from exc
+
+    def read_object(self, spec: ImageSpec, oid: str) -> bytes | None:
+        import rados
+
+        with self.ioctx(spec) as ctx:
+            try:
+                size, _ = ctx.stat(oid)
+                return bytes(ctx.read(oid, max(size, 1)))
+            except rados.ObjectNotFound:
+                return None
+            except rados.Error as exc:
+                raise _translate(exc, f"ownership record of {spec} ({oid})") from exc
+
+    def create_object(self, spec: ImageSpec, oid: str, data: bytes) -> bool:
+        """Create `oid` holding `data` if it does not exist, atomically: of
+        many concurrent callers exactly one gets True."""
+        import rados
+
+        with self.ioctx(spec) as ctx:
+            try:
+                with rados.WriteOpCtx() as op:
+                    op.new(rados.LIBRADOS_CREATE_EXCLUSIVE)
+                    op.write_full(data)
+                    ctx.operate_write_op(op, oid)
+                return True
+            except rados.ObjectExists:
+                return False
+            except rados.Error as exc:
+                raise _translate(exc, f"ownership record of {spec} ({oid})") from exc
+
+    def swap_object(self, spec: ImageSpec, oid: str, expect: bytes, data: bytes | None
+                    ) -> bool:
+        """Replace (or with data=None remove) `oid` only if it still starts
+        with `expect`, atomically on the OSD; False if it changed or is gone."""
+        import rados
+
+        with self.ioctx(spec) as ctx:
+            try:
+                with rados.WriteOpCtx() as op:
+                    op.cmpext(expect, 0)
+                    if data is None:
+                        op.remove()
+                    else:
+                        op.write_full(data)
+                    ctx.operate_write_op(op, oid)
+                return True
+            except rados.ObjectNotFound:
+                return False
+            except rados.PermissionDeniedError as exc:
+                raise _translate(exc, f"ownership record of {spec} ({oid})") from exc
+            except (rados.Error, OSError) as exc:
+                # a failed compare comes back as -(MAX_ERRNO + offset), which
+                # the binding reports as a generic error: look again
+                now = self.read_object(spec, oid)
+                if now is not None and now.startswith(expect):
+                    raise _translate(exc, f"ownership record of {spec} ({oid})") from exc
+                return False
+
+    def blocklist(self, addr: str, expire_s: int = 3600) -> None:
+        """Fence a client instance: the OSDs refuse its I/O from now on (and
+        drop its watches). Needs mon caps `profile rbd` (or `allow command
+        "osd blocklist"`)."""
+        ret, _out, err = self.mon_command({"prefix": "osd blocklist", "blocklistop": "add",
+                                           "addr": addr, "expire": float(expire_s)})
+        if ret == -13:
+            raise ClusterError(f"not allowed to blocklist {addr}: client.{self.cfg.client_id} "
+                               "needs mon caps 'profile rbd' (or allow command "
+                               "\"osd blocklist\") to fence a dead owner")
+        if ret != 0:
+            raise ClusterError(f"osd blocklist add {addr} failed: {err.strip() or ret}")
 
     def list_images(self, spec_pool: ImageSpec) -> list[str]:
         import rados

@@ -7,6 +7,7 @@ The library never prints; it returns results and raises CephvolErrors.
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import time
@@ -14,10 +15,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cephvol import fs, hostfs, units
+from cephvol import fs, hostfs, ownership, supervisor, units
 from cephvol.cleanup import Observed, Step, plan_detach, split_propagated
 from cephvol.cluster import Cluster, ClusterConfig
-from cephvol.errors import Busy, CephvolError, Conflict, StepTimeout, UsageError
+from cephvol.errors import Busy, CephvolError, Conflict, Owned, StepTimeout, UsageError
 from cephvol.mapper import (
     Backend,
     HostPaths,
@@ -28,6 +29,7 @@ from cephvol.mapper import (
     make_backend,
     select_backend,
 )
+from cephvol.proc import step_timeout
 from cephvol.spec import ImageSpec, parse_spec
 from cephvol.state import StateStore, VolumeState
 
@@ -41,6 +43,10 @@ class Host:
     cfg: ClusterConfig
     paths: HostPaths
     mountinfo: Path = Path("/proc/self/mountinfo")
+
+    @property
+    def identity(self) -> ownership.HostIdentity:
+        return ownership.HostIdentity.local()
 
     @property
     def store(self) -> StateStore:
@@ -62,6 +68,9 @@ class AttachRequest:
     fsck: str = "auto"
     mount_options: list[str] = field(default_factory=list)
     env_file: Path | None = None  # written after a successful attach, removed by detach
+    takeover: bool = False  # take a dead host's ownership (fencing it)
+    force: bool = False  # with takeover: even from an owner that looks alive
+    takeover_wait: float = ownership.DEFAULT_TAKEOVER_WAIT
 
 
 def _crash_point(step: str) -> None:
@@ -115,21 +124,17 @@ def attach(host: Host, req: AttachRequest) -> dict[str, Any]:
             st.mountpoint = mp  # mapped earlier without a mount; mount it now
             store.save(spec.key, st)
         _crash_point("journal")
-        try:
-            mapping = backend.map(spec, opts)
-        except CephvolError:
-            # Only now ask the cluster what is missing (pool, namespace, image,
-            # snapshot): the backends' own errors are vaguer, and asking up
-            # front would cost every attach a cluster round trip (~50 ms).
-            # The journal of a map that never happened goes too.
-            if not st.steps:
-                store.remove(spec.key)
+        if read_only:
+            mapping = _map(host, backend, spec, opts, st)
+        else:
             with Cluster(host.cfg) as cluster:
-                cluster.image_info(spec)
-            raise
+                mapping = _map_owned(host, cluster, backend, spec, opts, st, req,
+                                     premapped=found[1] if found else None)
         st.backend, st.device, st.backend_id = backend.name, mapping.device, mapping.backend_id
-        st.extra = dict(mapping.extra)
+        st.extra = {**{k: v for k, v in st.extra.items() if k in ("owner", "takeover")},
+                    **mapping.extra}
         _done(store, spec, st, "map")
+        _event("map", spec, st, f"mapped {spec} at {st.device} ({backend.name})")
         _crash_point("map")
         if mp or (req.mkfs and not read_only and "mkfs" not in st.steps):
             _ensure_filesystem(host, backend, spec, st, req, read_only)
@@ -146,8 +151,80 @@ def attach(host: Host, req: AttachRequest) -> dict[str, Any]:
                 fs.mount(st.device or "", req.mountpoint, st.fstype, req.mount_options,
                          read_only)
             _done(store, spec, st, "mount")
+            _event("mount", spec, st, f"mounted {st.device} ({st.fstype}) at {mp}")
             _crash_point("mount")
         return _finish(store, spec, st, req.env_file, already=False)
+
+
+def _map(host: Host, backend: Backend, spec: ImageSpec, opts: MapOptions,
+         st: VolumeState) -> Mapping:
+    try:
+        return backend.map(spec, opts)
+    except CephvolError:
+        # Only now ask the cluster what is missing (pool, namespace, image,
+        # snapshot): the backends' own errors are vaguer, and asking up
+        # front would cost every attach a cluster round trip (~50 ms).
+        # The journal of a map that never happened goes too.
+        if not st.steps:
+            host.store.remove(spec.key)
+        with Cluster(host.cfg) as cluster:
+            cluster.image_info(spec)
+        raise
+
+
+def _map_owned(host: Host, cluster: Cluster, backend: Backend, spec: ImageSpec,
+               opts: MapOptions, st: VolumeState, req: AttachRequest,
+               premapped: Mapping | None) -> Mapping:
+    """Own the volume, then map it, then note the mapping's client addresses
+    in the ownership record (what a takeover by another host fences).
+
+    The journal says "owner" before ownership is asked for, so a crash at any
+    point leaves something detach can release (release only removes a record
+    of this host's)."""
+    me = host.identity
+    if "owner" not in st.extra:
+        st.extra["owner"] = {"host_id": me.id, "cookie": None}
+        host.store.save(spec.key, st)
+    try:
+        rec, took = ownership.acquire(cluster, spec, me, takeover=req.takeover,
+                                      force=req.force, wait_s=req.takeover_wait)
+    except CephvolError:
+        if not st.steps:
+            host.store.remove(spec.key)
+        raise
+    st.extra["owner"] = {"host_id": rec.host_id, "cookie": rec.cookie, "since": rec.since}
+    if took:
+        st.extra["takeover"] = {"from": took.previous.describe(), "fenced": took.fenced,
+                                "waited_s": took.waited_s, "forced": took.forced}
+        supervisor.event("takeover", str(spec), f"took {spec} over from "
+                         f"{took.previous.describe()}; fenced {', '.join(took.fenced) or '-'}",
+                         level=logging.WARNING)
+    host.store.save(spec.key, st)
+    _crash_point("own")
+    before = {w["addr"] for w in cluster.watchers(spec)}
+    if premapped is not None and not rec.addrs:
+        before = set()  # resuming: the watchers there now are ours
+    if (backend.name == "krbd" and opts.exclusive is None
+            and "exclusive-lock" in cluster.image_info(spec).features):
+        # the kernel's own guard: no second writer even outside cephvol
+        opts = MapOptions(**{**opts.__dict__, "exclusive": True,
+                             "lock_timeout": opts.lock_timeout or int(step_timeout())})
+    mapping = _map(host, backend, spec, opts, st)
+    addrs: list[str] = []
+    deadline = time.monotonic() + 5
+    while True:  # rbd-fuse opens the image when the loop device opens its file
+        addrs = sorted({w["addr"] for w in cluster.watchers(spec)} - before)
+        if addrs or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    try:
+        ownership.record_addrs(cluster, spec, rec, addrs)
+    except Owned:
+        backend.unmap(mapping, force=False)
+        host.store.remove(spec.key)
+        raise
+    st.extra["owner"]["addrs"] = addrs
+    return mapping
 
 
 def _finish(store: StateStore, spec: ImageSpec, st: VolumeState, env_file: Path | None, *,
@@ -162,7 +239,16 @@ def _finish(store: StateStore, spec: ImageSpec, st: VolumeState, env_file: Path 
     res = _result(st, already=already)
     if env_file:
         units.write_env_file(env_file, res)
+    where = f" at {st.mountpoint}" if st.mountpoint else ""
+    msg = f"{spec} {'was already' if already else 'is'} attached: {st.device}{where}"
+    _event("attached", spec, st, msg)
+    supervisor.notify(msg, ready=True)
     return res
+
+
+def _event(step: str, spec: ImageSpec, st: VolumeState, message: str) -> None:
+    supervisor.event(step, str(spec), message, device=st.device, backend=st.backend,
+                     mountpoint=st.mountpoint)
 
 
 def _ensure_filesystem(host: Host, backend: Backend, spec: ImageSpec, st: VolumeState,
@@ -185,6 +271,7 @@ def _ensure_filesystem(host: Host, backend: Backend, spec: ImageSpec, st: Volume
         st.fstype = fstype
         st.extra["created_filesystem"] = True
         _done(host.store, spec, st, "mkfs")
+        _event("mkfs", spec, st, f"made {fstype} on {st.device}, which was empty")
         _crash_point("mkfs")
     elif p.kind == "filesystem":
         if req.fstype and p.fstype != req.fstype:
@@ -259,7 +346,7 @@ def observe(host: Host, spec: ImageSpec) -> tuple[Observed, Backend | None, Mapp
                     pids[ns] = pid
     obs = Observed(key=spec.key, journal_present=st is not None, device=device,
                    mapped=mapping is not None, own_mounts=own, foreign_mounts=foreign,
-                   foreign_pids=pids)
+                   foreign_pids=pids, owned=bool(st and st.extra.get("owner")))
     return obs, backend, mapping
 
 
@@ -314,7 +401,11 @@ def detach(host: Host, spec: ImageSpec, *, force: bool = False,
                     "pending writes stay queued and reach the cluster when it is back; "
                     "then run `cephvol detach` again to finish") from exc
             done.append(f"{step.kind} {step.target}".strip())
+            supervisor.event(step.kind, str(spec), f"detach {spec}: {done[-1]}",
+                             device=obs.device, backend=backend.name if backend else None)
             _crash_point(f"detach-{step.kind}")
+        supervisor.event("detached", str(spec), f"{spec} is detached ({', '.join(done)})",
+                         device=obs.device, backend=backend.name if backend else None)
         return {"image": str(spec), "detached": True, "steps": done,
                 "device": obs.device or (st.device if st else None)}
 
@@ -340,6 +431,17 @@ def _run_step(host: Host, spec: ImageSpec, step: Step, backend: Backend | None,
     elif step.kind == "unmap":
         assert backend is not None and mapping is not None
         backend.unmap(mapping, force=force)
+    elif step.kind == "release":
+        try:
+            with Cluster(host.cfg) as cluster:
+                outcome = ownership.release(cluster, spec, host.identity)
+        except CephvolError as exc:
+            raise type(exc)(f"{spec} is unmapped here, but its ownership could not be "
+                            f"given back ({exc.message}); run detach again when the "
+                            "cluster answers") from exc
+        if outcome == "owned-by-other":
+            supervisor.event("release", str(spec), f"{spec} had been taken over by another "
+                             "host; nothing to give back", level=logging.WARNING)
     elif step.kind == "forget":
         st = host.store.load(spec.key)
         units.remove_env_file(st.extra.get("env_file") if st else None)
@@ -468,7 +570,8 @@ def status(host: Host) -> list[dict[str, Any]]:
             continue
         rows[st.spec] = {"image": st.spec, "device": st.device, "mountpoint": st.mountpoint,
                          "backend": st.backend, "phase": st.phase, "fstype": st.fstype,
-                         "read_only": st.read_only, "mapped": False, "mounted": False}
+                         "read_only": st.read_only, "mapped": False, "mounted": False,
+                         "owner": _owner_row(st)}
     for b in all_backends(host.paths, host.cfg):
         if b.name != "fuse" and not b.support().ok:
             continue
@@ -484,6 +587,45 @@ def status(host: Host) -> list[dict[str, Any]]:
     for row in rows.values():
         row["mounted"] = _mounted_at(host, row["device"], row["mountpoint"])
     return [rows[k] for k in sorted(rows)]
+
+
+def _owner_row(st: VolumeState) -> dict[str, Any] | None:
+    rec = st.extra.get("owner")
+    return {k: rec.get(k) for k in ("host_id", "since", "addrs")} if rec else None
+
+
+def remove(host: Host, spec: ImageSpec) -> None:
+    """Remove an image nobody uses: not mapped here, not watched or locked by
+    anyone, not owned by any host (whose volume it still is)."""
+    found = _find_mapping(host, spec)
+    if found:
+        raise Busy(f"{spec} is mapped on this host at {found[1].device or '(half-mapped)'}; "
+                   "detach it first")
+    with Cluster(host.cfg) as cluster:
+        rec = ownership.current(cluster, spec)
+        if rec is not None:
+            raise Owned(f"{spec} is owned by {rec.describe()}; detach it there first")
+        cluster.remove_image(spec)
+
+
+def owner(host: Host, spec: ImageSpec, *, release: bool = False) -> dict[str, Any]:
+    """Who owns `spec`; with release, give back this host's ownership, which
+    only makes sense when nothing of it is mapped here any more."""
+    me = host.identity
+    with Cluster(host.cfg) as cluster:
+        rec = ownership.current(cluster, spec)
+        res: dict[str, Any] = {"image": str(spec), "owner": rec.to_dict() if rec else None,
+                               "this_host": bool(rec and rec.host_id == me.id),
+                               "host": {"id": me.id, "name": me.name}}
+        if release:
+            if rec is None or rec.host_id != me.id:
+                raise Owned(f"{spec} is not owned by this host"
+                            + (f" but by {rec.describe()}" if rec else "")
+                            + "; nothing to release")
+            if _find_mapping(host, spec) or host.store.load(spec.key):
+                raise Busy(f"{spec} is attached or mapped here; use `cephvol detach`")
+            res["released"] = ownership.release(cluster, spec, me) == "released"
+        return res
 
 
 def backend_for(host: Host, name: str) -> Backend:

@@ -34,7 +34,9 @@ BACKEND_NAMES = ("krbd", "nbd", "fuse")
 @dataclass(frozen=True)
 class MapOptions:
     read_only: bool = False
-    exclusive: bool = False
+    # None: the default (krbd: on for writable attaches of images with the
+    # exclusive-lock feature; elsewhere off); True/False: as the operator said
+    exclusive: bool | None = None
     lock_timeout: int | None = None  # seconds, krbd/nbd exclusive lock wait
     queue_depth: int | None = None
     notrim: bool = False

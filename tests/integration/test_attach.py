@@ -148,7 +148,11 @@ def test_snapshot_on_fuse_is_a_clear_unsupported(cluster: CephCluster, image: st
     assert cp.returncode == 3, cp.stderr
 
 
-@pytest.mark.parametrize("step", ["journal", "map", "mkfs", "mkdir", "mount"])
+def _owner(cluster: CephCluster, image: str) -> object:
+    return json.loads(cluster.cli("owner", image, "--json", check=True).stdout)["owner"]
+
+
+@pytest.mark.parametrize("step", ["journal", "own", "map", "mkfs", "mkdir", "mount"])
 def test_crash_during_attach_is_finished_by_detach(
         cluster: CephCluster, image: str, mnt: Path, step: str) -> None:
     cluster.cli("create", image, "--size", "64M", check=True)
@@ -163,6 +167,7 @@ def test_crash_during_attach_is_finished_by_detach(
     assert det.returncode == 0, det.stderr
     assert not os.path.ismount(mnt)
     assert not (cluster.state_dir / "volumes" / f"rbd,-,{image.split('/')[1]}.json").exists()
+    assert _owner(cluster, image) is None  # no ownership left behind for other hosts
     res = _attach(cluster, image, mnt)
     if step != "mkfs":
         assert (mnt / "before").read_text() == "kept"
@@ -171,7 +176,7 @@ def test_crash_during_attach_is_finished_by_detach(
 
 
 @pytest.mark.parametrize("step", ["detach-sync", "detach-umount", "detach-check-unused",
-                                  "detach-unmap"])
+                                  "detach-unmap", "detach-release"])
 def test_crash_during_detach_is_finished_by_detach(
         cluster: CephCluster, image: str, mnt: Path, step: str) -> None:
     cluster.cli("create", image, "--size", "64M", check=True)
@@ -182,6 +187,7 @@ def test_crash_during_detach_is_finished_by_detach(
     assert cp.returncode == -signal.SIGKILL
     assert cluster.cli("detach", image).returncode == 0
     assert not os.path.ismount(mnt)
+    assert _owner(cluster, image) is None
     _attach(cluster, image, mnt)
     assert (mnt / "p").read_bytes() == payload
     cluster.cli("detach", image, check=True)

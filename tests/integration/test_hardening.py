@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import signal
 import subprocess
 import threading
 import time
@@ -149,3 +150,65 @@ def test_concurrent_detaches_are_serialised(cluster: CephCluster, image: str,
     did = [json.loads(out)["detached"] for out, _ in results]
     assert sorted(did) == [False, False, False, True]  # exactly one ran the steps
     assert not os.path.ismount(mnt)
+
+
+def test_osd_down_mid_write_is_bounded_and_loses_nothing(
+        cluster: CephCluster, image: str, mnt: Path) -> None:
+    """The OSD dies while an application writes (the monitor stays up):
+    detach and a new attach each end within their bounds with a clear error
+    and change nothing; when the OSD is back, the write completes, detach
+    finishes, and every byte is there."""
+    from cephvol.devcluster import DevCluster
+
+    other = image + "-2"
+    for spec in (image, other):
+        cluster.cli("create", spec, "--size", "64M", check=True)
+    cluster.cli("attach", image, "--mountpoint", str(mnt), check=True)
+    before = os.urandom(2 << 20)
+    (mnt / "before").write_bytes(before)
+    subprocess.run(["sync", "--file-system", str(mnt)], check=True, timeout=60)
+    during = os.urandom(8 << 20)
+    src = mnt.with_name(mnt.name + "-src")
+    src.write_bytes(during)
+    writer = subprocess.Popen(["dd", f"if={src}", f"of={mnt / 'during'}",
+                               "bs=1M", "conv=fsync"], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE)
+    dc = DevCluster(cluster.conf.parent)
+    osd = dc.pid_of("osd.0")
+    assert osd
+    time.sleep(0.2)
+    os.kill(osd, signal.SIGKILL)
+    try:
+        t0 = time.monotonic()
+        det = cluster.cli("detach", image, CEPHVOL_STEP_TIMEOUT="5", timeout=180)
+        took = time.monotonic() - t0
+        assert det.returncode == 8 and "is the cluster reachable?" in det.stderr, det.stderr
+        assert took < 30, took
+        t0 = time.monotonic()
+        att = cluster.cli("attach", other, "--mountpoint", str(mnt.with_name(mnt.name + "-o")),
+                          CEPHVOL_STEP_TIMEOUT="5", timeout=180)
+        took2 = time.monotonic() - t0
+        print(f"OSD down: detach returned in {took:.1f}s (exit 8), attach in {took2:.1f}s "
+              f"(exit {att.returncode}: {att.stderr.strip()})")
+        assert att.returncode in (7, 8), att.stderr
+        assert len(att.stderr.strip().splitlines()) == 1 and "Traceback" not in att.stderr
+        assert took2 < 90, took2
+        rows = {r["image"] for r in json.loads(cluster.cli("status", "--json").stdout)}
+        assert other not in rows and not mnt.with_name(mnt.name + "-o").is_mount()
+    finally:
+        dc.up()
+    assert writer.wait(timeout=180) == 0, writer.stderr.read() if writer.stderr else ""
+    deadline = time.monotonic() + 180
+    while True:
+        cp = cluster.cli("detach", image, timeout=180)
+        if cp.returncode == 0 or time.monotonic() > deadline:
+            break
+        time.sleep(2)
+    assert cp.returncode == 0, cp.stderr
+    cluster.cli("attach", image, "--mountpoint", str(mnt), check=True)
+    assert (mnt / "before").read_bytes() == before
+    assert (mnt / "during").read_bytes() == during
+    cluster.cli("detach", image, check=True)
+    assert json.loads(cluster.cli("owner", other, "--json", check=True).stdout)["owner"] is None
+    cluster.cli("rm", other, check=True)
+    src.unlink()

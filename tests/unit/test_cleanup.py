@@ -86,3 +86,16 @@ def test_a_private_bind_mount_in_a_container_is_a_user() -> None:
     other_group = Mount(301, 290, 7, 0, "/", "/x", "rw", "ext4", "/dev/loop0", ("master:5",))
     real, copies = split_propagated([ours], [container, other_group])
     assert (real, copies) == ([container, other_group], [])
+
+
+def test_ownership_is_given_back_only_after_the_unmap() -> None:
+    obs = Observed("k", True, "/dev/loop3", True, own_mounts=[_m("/srv/a")], owned=True)
+    assert _kinds(plan_detach(obs)) == [
+        "sync", "umount", "check-unused", "unmap", "release", "forget"]
+    # crashed after taking ownership, before mapping: release, nothing to unmap
+    assert _kinds(plan_detach(Observed("k", True, "", False, owned=True))) == [
+        "release", "forget"]
+    # a refused detach releases nothing
+    busy = Observed("k", True, "/dev/loop3", True, owned=True,
+                    foreign_mounts={"mnt:[1]": [_m("/data")]}, foreign_pids={"mnt:[1]": 42})
+    assert _kinds(plan_detach(busy)) == ["refuse"]

@@ -6,10 +6,11 @@ import hashlib
 import json
 import os
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
-from tests.vm.conftest import NsCluster
+from tests.vm.conftest import CEPHVOL, NsCluster
 from tests.vm.harness import Guest, GuestResult
 
 _SNAP = """
@@ -136,7 +137,12 @@ def test_exclusive_mapping_refuses_a_second_writer(guest_ceph: Guest, image: str
 
 
 def test_online_resize_of_mounted_ext4_on_krbd(guest_ceph: Guest, image: str) -> None:
+    # the default exclusive mapping keeps the lock librbd needs to resize
     ok(cv(guest_ceph, "attach", image, "--mountpoint", "/mnt/r"))
+    refused = cv(guest_ceph, "resize", image, "--size", "192M")
+    assert refused.rc == 4 and "--no-exclusive" in refused.stderr, refused.stderr
+    ok(cv(guest_ceph, "detach", image))
+    ok(cv(guest_ceph, "attach", image, "--mountpoint", "/mnt/r", "--no-exclusive"))
     before = int(ok(guest_ceph.run(["stat", "-f", "-c", "%b", "/mnt/r"])))
     res = json.loads(ok(cv(guest_ceph, "resize", image, "--size", "192M", "--json")))
     assert res["changed"] and res["filesystem_grown"]
@@ -145,3 +151,29 @@ def test_online_resize_of_mounted_ext4_on_krbd(guest_ceph: Guest, image: str) ->
     blk = os.path.basename(res["device"])
     assert int(ok(guest_ceph.run(["cat", f"/sys/block/{blk}/size"]))) * 512 == 192 << 20
     ok(cv(guest_ceph, "detach", image))
+
+
+def test_writable_attach_owns_the_volume_and_maps_exclusive(
+        guest_ceph: Guest, image: str, vm_cluster: NsCluster, tmp_path: Path) -> None:
+    """krbd: ownership in the cluster plus the kernel's own guard (exclusive,
+    added by cephvol when the image has the exclusive-lock feature)."""
+    m = json.loads(ok(cv(guest_ceph, "attach", image, "--mountpoint", "/mnt/o", "--json")))
+    config_info = ok(guest_ceph.run(
+        ["cat", f"/sys/bus/rbd/devices/{m['backend_id']}/config_info"]))
+    assert "exclusive" in config_info.split()[1].split(","), config_info
+    machine_id = ok(guest_ceph.run(["cat", "/etc/machine-id"])).strip()
+    own = json.loads(vm_cluster.cli("owner", image, "--json"))["owner"]
+    assert own["host_id"] == machine_id and own["addrs"]
+    # another host -- this machine, in the cluster's network namespace, with
+    # its own machine-id and state -- is refused before it changes anything
+    state = tmp_path / "state"
+    other = vm_cluster.run([CEPHVOL, "--state-dir", str(state), "attach", image,
+                            "--mountpoint", str(tmp_path / "m")])
+    try:
+        assert other.returncode == 6 and f"(id {machine_id})" in other.stderr, other.stderr
+        assert not (tmp_path / "m").exists()
+    finally:
+        if other.returncode == 0:
+            vm_cluster.run([CEPHVOL, "--state-dir", str(state), "detach", image])
+    ok(cv(guest_ceph, "detach", image))
+    assert json.loads(vm_cluster.cli("owner", image, "--json"))["owner"] is None

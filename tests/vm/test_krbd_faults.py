@@ -14,7 +14,7 @@ import pytest
 from tests.vm.harness import Guest
 from tests.vm.test_krbd_backend import cv, ok
 
-ATTACH_STEPS = ["journal", "map", "mkfs", "mkdir", "mount"]
+ATTACH_STEPS = ["journal", "own", "map", "mkfs", "mkdir", "mount"]
 DETACH_STEPS = ["detach-sync", "detach-umount", "detach-check-unused", "detach-unmap"]
 
 
