@@ -301,3 +301,34 @@ def test_simultaneous_attaches_have_exactly_one_winner(hosts: TwoHosts, volume: 
         (hosts.a if winner == "a" else hosts.b).ok("detach", spec)
     print(f"race: {rounds} rounds, wins {wins}, double mounts {double}")
     assert double == 0 and sum(wins.values()) == rounds
+
+
+def test_takeover_without_blocklist_caps_is_named_and_changes_nothing(
+        hosts: TwoHosts, volume: str, tmp_path: Path) -> None:
+    """`profile rbd` on the mon includes the blocklist a takeover needs; a
+    client with mon 'allow r' cannot fence, so it must not take over."""
+    a, b = hosts.a, hosts.b
+    spec = f"rbd/{volume}"
+    name = f"nobl{uuid.uuid4().hex[:6]}"
+    keyring = hosts.ceph("auth", "get-or-create", f"client.{name}", "mon", "allow r",
+                         "osd", "profile rbd")
+    kr = tmp_path / f"{name}.keyring"
+    kr.write_text(keyring)
+    kr.chmod(0o600)
+    conf_text = b.conf.read_text()
+    cdir = hosts.cluster_dir
+    assert f"keyring = {cdir}/keyring\n" in conf_text
+    conf = tmp_path / "ceph.conf"
+    conf.write_text(conf_text.replace(f"keyring = {cdir}/keyring\n", f"keyring = {kr}\n"))
+    weak_b = Host(b.name, b.netns, b.addr, b.base, conf)
+
+    a.ok("attach", spec, "-m", str(a.mnt(volume)))
+    digest = _write(a.mnt(volume) / "db")
+    cp = weak_b.cv("--id", name, "attach", spec, "-m", str(b.mnt(volume)), "--takeover",
+                   "--force")
+    assert cp.returncode == 7, cp.stderr
+    assert "not allowed to blocklist" in cp.stderr and "profile rbd" in cp.stderr
+    assert _owner(a, spec)["host_id"] == "host-a" and b.fuse_pids() == []
+    assert not b.mnt(volume).exists() or not b.mnt(volume).is_mount()
+    assert _sha(a.mnt(volume) / "db") == digest
+    a.ok("detach", spec)
