@@ -1,5 +1,5 @@
 # The README's two commands: `make demo` and `make test`. Both set up first.
-.PHONY: setup demo test test-unit test-integration test-vm lint bench
+.PHONY: setup demo test test-unit test-integration test-vm lint bench bench-guest
 
 setup:
 	./scripts/setup
@@ -24,3 +24,7 @@ test-vm: setup
 
 bench: setup
 	.venv/bin/python -m bench
+
+# krbd attach/detach in the qemu test host vs `rbd map` + mount (a few minutes under TCG)
+bench-guest: setup
+	.venv/bin/python -m bench.guest

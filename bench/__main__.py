@@ -143,6 +143,7 @@ def bench_all(work: Path, env: dict[str, str], runs: int, scale: list[int]) -> d
                            "attach_speedup": round(seq_a / par_a, 2),
                            "detach_speedup": round(seq_d / par_d, 2)})
     r["io"] = io_bench(work, env)
+    r["fio"] = fio_bench(work, env)
     return r
 
 
@@ -185,6 +186,62 @@ def io_bench(work: Path, env: dict[str, str]) -> dict[str, float]:
             "write_ratio": round(w_dev / w_rbd, 2), "read_ratio": round(r_dev / r_rbd, 2)}
 
 
+# (name, fio rw, block size, total bytes, rbd bench --io-type, --io-pattern)
+FIO_JOBS = [
+    ("seq write 4M", "write", "4M", 256 << 20, "write", "seq"),
+    ("seq read 4M", "read", "4M", 256 << 20, "read", "seq"),
+    ("rand write 4k", "randwrite", "4k", 32 << 20, "write", "rand"),
+    ("rand read 4k", "randread", "4k", 32 << 20, "read", "rand"),
+]
+
+
+def _rbd_bench(env: dict[str, str], image: str, io_type: str, size: str, pattern: str,
+               total: int) -> tuple[float, float]:
+    """(MB/s, IOPS) of `rbd bench` (librbd, 16 in flight) on the same cluster."""
+    out = run(["rbd", "-c", env["CEPH_CONF"], "bench", "--io-type", io_type, "--io-size", size,
+               "--io-pattern", pattern, "--io-total", str(total), "--io-threads", "16", image],
+              env)
+    last = [ln for ln in out.splitlines() if ln.startswith("elapsed:")][-1].split()
+    ops_s = float(last[last.index("ops/sec:") + 1])
+    bsize = int(size[:-1]) << (20 if size.endswith("M") else 10)
+    return ops_s * bsize / 1e6, ops_s
+
+
+def _fio(env: dict[str, str], path: Path, rw: str, bs: str, total: int) -> tuple[float, float]:
+    """(MB/s, IOPS) of fio through the mounted volume: direct I/O, libaio, 16 in flight."""
+    out = run(["fio", "--name=cv", f"--filename={path}", f"--rw={rw}", f"--bs={bs}",
+               f"--size={total}", "--direct=1", "--ioengine=libaio", "--iodepth=16",
+               "--end_fsync=1", "--output-format=json"], env)
+    job = json.loads(out[out.index("{"):])["jobs"][0]
+    side = job["read"] if "read" in rw else job["write"]
+    return side["bw_bytes"] / 1e6, side["iops"]
+
+
+def fio_bench(work: Path, env: dict[str, str]) -> list[dict[str, Any]]:
+    """fio through the volume (fuse backend here) against `rbd bench` on an
+    image of the same size: the same I/O sizes, patterns and queue depth."""
+    run([CEPHVOL, "create", "rbd/bench-fio-raw", "--size", "1G"], env)
+    run([CEPHVOL, "create", "rbd/bench-fio", "--size", "1G"], env)
+    mnt = work / "mnt-fio"
+    run([CEPHVOL, "attach", "rbd/bench-fio", "--mountpoint", str(mnt)], env)
+    rows = []
+    try:
+        for name, rw, bs, total, io_type, pattern in FIO_JOBS:
+            f = mnt / f"fio-{bs}.bin"
+            if "read" in rw and not f.exists():
+                _fio(env, f, "write", bs, total)  # lay the file down first
+            run(["sh", "-c", "echo 3 > /proc/sys/vm/drop_caches"], env, check=False)
+            v_mb, v_iops = _fio(env, f, rw, bs, total)
+            r_mb, r_iops = _rbd_bench(env, "rbd/bench-fio-raw", io_type, bs.upper(), pattern,
+                                      total)
+            rows.append({"workload": name, "volume_MBps": round(v_mb, 1),
+                         "volume_iops": round(v_iops), "rbd_bench_MBps": round(r_mb, 1),
+                         "rbd_bench_iops": round(r_iops), "ratio": round(v_mb / r_mb, 2)})
+    finally:
+        run([CEPHVOL, "detach", "rbd/bench-fio"], env, check=False)
+    return rows
+
+
 def machine() -> str:
     return (f"{platform.node() or 'host'}: {os.cpu_count()} cores, kernel "
             f"{platform.release()}, Python {platform.python_version()}")
@@ -220,6 +277,15 @@ def write(r: dict[str, Any], out: Path) -> None:
               f"| {io['librbd_write_MBps']} MB/s | {io['write_ratio']} | ≥ 0.8 |",
               f"| sequential read 4 MiB (dd direct) vs librbd | {io['volume_read_MBps']} MB/s "
               f"| {io['librbd_read_MBps']} MB/s | {io['read_ratio']} | ≥ 0.8 |"]
+    lines += ["", "fio through the mounted volume vs `rbd bench` (librbd) on the same cluster, "
+              "direct I/O, queue depth 16 each:", "",
+              "| workload | volume MB/s (IOPS) | rbd bench MB/s (IOPS) | ratio | target |",
+              "|---|---|---|---|---|"]
+    for row in r.get("fio", []):
+        target = "≥ 0.8" if row["workload"].startswith("seq") else ""
+        lines.append(f"| {row['workload']} | {row['volume_MBps']} ({row['volume_iops']}) | "
+                     f"{row['rbd_bench_MBps']} ({row['rbd_bench_iops']}) | {row['ratio']} | "
+                     f"{target} |")
     (out / "results.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

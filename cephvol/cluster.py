@@ -115,6 +115,7 @@ class Cluster:
     def __init__(self, cfg: ClusterConfig) -> None:
         self.cfg = cfg
         self._rados: Any = None
+        self._ids: dict[str, str] = {}
 
     def __enter__(self) -> Cluster:
         self.connect()
@@ -352,15 +353,19 @@ class Cluster:
     # -- primitives for ownership records (the logic is in ownership.py) ----
 
     def image_id(self, spec: ImageSpec) -> str:
-        """The image's id: stable across renames, names its RADOS objects."""
+        """The image's id: stable across renames, names its RADOS objects.
+        Asked once per connection (an image open costs a few round trips)."""
         import rados
         import rbd
 
-        with self.image(spec.without_snap()) as img:
-            try:
-                return str(img.id())
-            except (rbd.Error, rados.Error) as exc:
-                raise _translate(exc, f"image {spec}") from exc
+        key = str(spec.without_snap())
+        if key not in self._ids:
+            with self.image(spec.without_snap()) as img:
+                try:
+                    self._ids[key] = str(img.id())
+                except (rbd.Error, rados.Error) as exc:
+                    raise _translate(exc, f"image {spec}") from exc
+        return self._ids[key]
 
     def watchers(self, spec: ImageSpec) -> list[dict[str, Any]]:
         """Clients watching the image header: every live mapping (krbd,

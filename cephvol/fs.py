@@ -103,12 +103,21 @@ def fsck(device: str, fstype: str, mode: str) -> None:
             raise Unsafe(f"xfs_repair -n found problems on {device}; not mounting")
 
 
-def ensure_mountpoint(path: Path, mounts_at: list[str]) -> None:
-    """Create the directory (0755), refuse one that already has something mounted."""
+def check_mountpoint(path: Path, mounts_at: list[str]) -> None:
+    """Refuse a mountpoint that is a file or has something mounted on it;
+    attach asks before it maps, so such a mistake changes nothing."""
     if str(path) in mounts_at:
         raise Busy(f"{path} is already a mountpoint of something else")
-    if path.exists() and not path.is_dir():
-        raise Conflict(f"mountpoint {path} exists and is not a directory")
+    for p in (path, *path.parents):
+        if p.exists():
+            if not p.is_dir():
+                raise Conflict(f"mountpoint {path}: {p} exists and is not a directory")
+            break
+
+
+def ensure_mountpoint(path: Path, mounts_at: list[str]) -> None:
+    """Create the directory (0755), refuse one that already has something mounted."""
+    check_mountpoint(path, mounts_at)
     path.mkdir(parents=True, exist_ok=True, mode=0o755)
 
 

@@ -97,6 +97,8 @@ def attach(host: Host, req: AttachRequest) -> dict[str, Any]:
         fs.validate_fstype(req.fstype)
     if req.fsck not in fs.FSCK_MODES:
         raise UsageError(f"--fsck must be one of {', '.join(fs.FSCK_MODES)}")
+    if not read_only:
+        host.identity  # noqa: B018 -- a host without an identity fails here, having changed nothing
     store = host.store
     with store.lock(spec.key):
         st = store.load(spec.key)
@@ -111,6 +113,9 @@ def attach(host: Host, req: AttachRequest) -> dict[str, Any]:
             if mp is None or (st.mountpoint == mp and _mounted_at(host, st.device, mp)):
                 return _finish(store, spec, st, req.env_file, already=True)
         # fresh attach, or finishing one that was interrupted
+        if mp and not (found and st and st.mountpoint == mp and _mounted_at(host, st.device, mp)):
+            assert req.mountpoint is not None
+            fs.check_mountpoint(req.mountpoint, [m.mountpoint for m in host.mounts()])
         if found:
             backend = found[0]
         else:

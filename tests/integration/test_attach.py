@@ -384,3 +384,24 @@ def test_detach_with_the_cluster_down_is_bounded_and_loses_nothing(
     assert (mnt / "p").read_bytes() == payload
     assert (mnt / "late").read_text() == "written after the last sync"
     cluster.cli("detach", image, check=True)
+
+
+@pytest.mark.parametrize(("args", "env", "code"), [
+    (["--mountpoint", "/etc/hostname"], {}, 5),           # a file, not a directory
+    (["--mountpoint", "/etc/hostname/sub"], {}, 5),       # below a file
+    (["--mountpoint", "/proc"], {}, 4),                   # something else is mounted there
+    (["--mountpoint", "MNT"], {"CEPHVOL_HOST_ID": "a b"}, 2),  # no usable host identity
+])
+def test_attach_refusals_change_nothing(cluster: CephCluster, image: str, mnt: Path,
+                                        args: list[str], env: dict[str, str],
+                                        code: int) -> None:
+    cluster.cli("create", image, "--size", "64M", check=True)
+    loops = subprocess.run(["losetup", "-l", "-n"], capture_output=True, text=True).stdout
+    cp = cluster.cli("attach", image, *[str(mnt) if a == "MNT" else a for a in args], **env)
+    assert cp.returncode == code, cp.stderr
+    assert len(cp.stderr.strip().splitlines()) == 1 and "Traceback" not in cp.stderr
+    assert json.loads(cluster.cli("status", "--json", check=True).stdout) == []
+    assert subprocess.run(["losetup", "-l", "-n"], capture_output=True,
+                          text=True).stdout == loops
+    assert json.loads(cluster.cli("owner", image, "--json", check=True).stdout)["owner"] is None
+    assert not mnt.exists()
