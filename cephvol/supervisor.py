@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import sys
+import uuid
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -102,3 +104,20 @@ def notify(status: str, *, ready: bool = False, env: Mapping[str, str] | None = 
     if ready:
         text = "READY=1\n" + text
     return bool(daemon.notify(text))
+
+
+def own_scope_argv(what: str, run_root: Path = Path("/run/systemd/system")) -> list[str]:
+    """Prefix for starting a daemon a mapping lives on (rbd-fuse, rbd-nbd).
+
+    Under systemd such a daemon must not stay in the cgroup of the unit that
+    ran `cephvol attach`: when that unit stops, systemd kills every process
+    in its cgroup *before* ExecStopPost= runs `cephvol detach` -- the device
+    would vanish under a mounted filesystem with writes still queued (found
+    by the systemd-nspawn test). In a scope of its own it lives, like a krbd
+    mapping, until detach unmaps it. Without systemd as PID 1: no prefix.
+    """
+    if not run_root.is_dir() or not shutil.which("systemd-run"):
+        return []
+    return ["systemd-run", "--scope", "--quiet", "--collect",
+            f"--unit=cephvol-{what}-{uuid.uuid4().hex[:8]}",
+            f"--description=cephvol mapping daemon ({what})"]

@@ -17,7 +17,7 @@ import shutil
 import time
 from pathlib import Path
 
-from cephvol import proc
+from cephvol import proc, supervisor
 from cephvol.errors import (
     ClusterError,
     NotFound,
@@ -119,7 +119,7 @@ class FuseBackend(Backend):
         argv += ["-r", spec.image, f"--client_mount_timeout={t:g}", str(fuse_dir)]
         try:
             try:
-                proc.run(argv, timeout=t + 15)
+                proc.run([*supervisor.own_scope_argv("rbd-fuse"), *argv], timeout=t + 15)
             except SystemCommandError as exc:
                 if any(s in str(exc) for s in _CONNECT_FAILURES):
                     raise ClusterError(f"rbd-fuse could not reach the cluster in {t:g}s "

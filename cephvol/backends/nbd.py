@@ -11,7 +11,7 @@ import json
 import shutil
 from typing import Any
 
-from cephvol import proc
+from cephvol import proc, supervisor
 from cephvol.errors import (
     Busy,
     ClusterError,
@@ -105,7 +105,8 @@ class NbdBackend(Backend):
         if opts.reattach_timeout:
             argv += ["--reattach-timeout", str(opts.reattach_timeout)]
         argv += ["--cookie", f"cephvol-{spec.key}", str(spec)]
-        res = proc.run(argv, check=False, timeout=self.cfg.connect_timeout + 60)
+        res = proc.run([*supervisor.own_scope_argv("rbd-nbd"), *argv], check=False,
+                       timeout=self.cfg.connect_timeout + 60)
         if res.returncode != 0:
             raise classify_error(res.stderr)
         m = self.find(spec)
