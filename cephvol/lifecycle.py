@@ -111,6 +111,8 @@ def attach(host: Host, req: AttachRequest) -> dict[str, Any]:
                        "but not by cephvol; unmap it first or use that device")
         if found and st and st.phase == "attached" and found[1].device == st.device:
             if mp is None or (st.mountpoint == mp and _mounted_at(host, st.device, mp)):
+                if st.extra.get("owner"):
+                    _still_owned(host, spec)
                 return _finish(store, spec, st, req.env_file, already=True)
         # fresh attach, or finishing one that was interrupted
         if mp and not (found and st and st.mountpoint == mp and _mounted_at(host, st.device, mp)):
@@ -159,6 +161,18 @@ def attach(host: Host, req: AttachRequest) -> dict[str, Any]:
             _event("mount", spec, st, f"mounted {st.device} ({st.fstype}) at {mp}")
             _crash_point("mount")
         return _finish(store, spec, st, req.env_file, already=False)
+
+
+def _still_owned(host: Host, spec: ImageSpec) -> None:
+    """An attached volume may have been taken over (and this host fenced)
+    since: a unit restarting on this host must hear so, not "attached"."""
+    me = host.identity
+    with Cluster(host.cfg) as cluster:
+        rec = ownership.current(cluster, spec)
+    if rec is None or rec.host_id != me.id:
+        who = f"by {rec.describe()}" if rec else "and released"
+        raise Owned(f"{spec} is attached here but was taken over {who}; this host may be "
+                    "fenced: `cephvol detach --force` here, then attach where it belongs")
 
 
 def _map(host: Host, backend: Backend, spec: ImageSpec, opts: MapOptions,

@@ -251,6 +251,9 @@ def test_live_owner_is_not_taken_over_without_force(hosts: TwoHosts, volume: str
 
     b.ok("attach", spec, "-m", str(b.mnt(volume)), "--takeover", "--force")
     assert _owner(b, spec)["taken_over_from"]["forced"] is True
+    # A's unit restarting now hears that, not "already attached"
+    again = a.cv("attach", spec, "-m", str(a.mnt(volume)))
+    assert again.returncode == 6 and "was taken over by host b" in again.stderr, again.stderr
     b_digest = _write(b.mnt(volume) / "b-data")
 
     # A's application writes on: it must not reach the image. rbd-fuse
