@@ -115,7 +115,10 @@ class Cluster:
     def __init__(self, cfg: ClusterConfig) -> None:
         self.cfg = cfg
         self._rados: Any = None
-        self._ids: dict[str, str] = {}
+        # read-only image handles kept for the connection's life: ownership
+        # asks one image for its id and watchers several times per attach, and
+        # an open costs several round trips (a read-only open adds no watch)
+        self._held: dict[str, tuple[Any, Any]] = {}
 
     def __enter__(self) -> Cluster:
         self.connect()
@@ -198,6 +201,10 @@ class Cluster:
                 f"monitors (conf {self.cfg.conf})")
 
     def close(self) -> None:
+        for ctx, img in self._held.values():
+            img.close()
+            ctx.close()
+        self._held.clear()
         if self._rados is not None:
             self._rados.shutdown()
             self._rados = None
@@ -210,6 +217,14 @@ class Cluster:
 
     @contextlib.contextmanager
     def ioctx(self, spec: ImageSpec) -> Iterator[Any]:
+        ctx = self._open_ioctx(spec)
+        try:
+            yield ctx
+        finally:
+            ctx.close()
+
+    def _open_ioctx(self, spec: ImageSpec) -> Any:
+        """The pool (and namespace) of `spec`, each named if missing."""
         import rados
 
         try:
@@ -225,9 +240,10 @@ class Cluster:
                 if not rbd.RBD().namespace_exists(ctx, spec.namespace):
                     raise NotFound(f"namespace {spec.pool}/{spec.namespace} does not exist")
                 ctx.set_namespace(spec.namespace)
-            yield ctx
-        finally:
+        except BaseException:
             ctx.close()
+            raise
+        return ctx
 
     @contextlib.contextmanager
     def image(self, spec: ImageSpec, *, read_only: bool = True) -> Iterator[Any]:
@@ -352,33 +368,52 @@ class Cluster:
 
     # -- primitives for ownership records (the logic is in ownership.py) ----
 
-    def image_id(self, spec: ImageSpec) -> str:
-        """The image's id: stable across renames, names its RADOS objects.
-        Asked once per connection (an image open costs a few round trips)."""
+    def _held_image(self, spec: ImageSpec) -> Any:
         import rados
         import rbd
 
         key = str(spec.without_snap())
-        if key not in self._ids:
-            with self.image(spec.without_snap()) as img:
-                try:
-                    self._ids[key] = str(img.id())
-                except (rbd.Error, rados.Error) as exc:
-                    raise _translate(exc, f"image {spec}") from exc
-        return self._ids[key]
+        if key not in self._held:
+            ctx = self._open_ioctx(spec)
+            try:
+                img = rbd.Image(ctx, spec.image, read_only=True)
+            except (rbd.Error, rados.Error) as exc:
+                ctx.close()
+                raise _translate(exc, f"image {spec.without_snap()}") from exc
+            self._held[key] = (ctx, img)
+        return self._held[key][1]
 
-    def watchers(self, spec: ImageSpec) -> list[dict[str, Any]]:
-        """Clients watching the image header: every live mapping (krbd,
-        rbd-nbd, rbd-fuse) and every writable open. A read-only open, like
-        this one, does not watch."""
+    def image_id(self, spec: ImageSpec) -> str:
+        """The image's id: stable across renames, names its RADOS objects."""
         import rados
         import rbd
 
-        with self.image(spec.without_snap()) as img:
-            try:
-                return [dict(w) for w in img.watchers_list()]
-            except (rbd.Error, rados.Error) as exc:
-                raise _translate(exc, f"image {spec}") from exc
+        try:
+            return str(self._held_image(spec).id())
+        except (rbd.Error, rados.Error) as exc:
+            raise _translate(exc, f"image {spec}") from exc
+
+    def image_features(self, spec: ImageSpec) -> list[str]:
+        import rados
+        import rbd
+
+        try:
+            feats = rbd.RBD().features_to_string(self._held_image(spec).features())
+        except (rbd.Error, rados.Error) as exc:
+            raise _translate(exc, f"image {spec}") from exc
+        return [f for f in feats.split(",") if f]
+
+    def watchers(self, spec: ImageSpec) -> list[dict[str, Any]]:
+        """Clients watching the image header now (one OSD op): every live
+        mapping (krbd, rbd-nbd, rbd-fuse) and every writable open. A
+        read-only open, like ours, does not watch."""
+        import rados
+        import rbd
+
+        try:
+            return [dict(w) for w in self._held_image(spec).watchers_list()]
+        except (rbd.Error, rados.Error) as exc:
+            raise _translate(exc, f"image {spec}") from exc
 
     def read_object(self, spec: ImageSpec, oid: str) -> bytes | None:
         import rados

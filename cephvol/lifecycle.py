@@ -224,7 +224,7 @@ def _map_owned(host: Host, cluster: Cluster, backend: Backend, spec: ImageSpec,
     if premapped is not None and not rec.addrs:
         before = set()  # resuming: the watchers there now are ours
     if (backend.name == "krbd" and opts.exclusive is None
-            and "exclusive-lock" in cluster.image_info(spec).features):
+            and "exclusive-lock" in cluster.image_features(spec)):
         # the kernel's own guard: no second writer even outside cephvol
         opts = MapOptions(**{**opts.__dict__, "exclusive": True,
                              "lock_timeout": opts.lock_timeout or int(step_timeout())})
