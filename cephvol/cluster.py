@@ -30,6 +30,8 @@ from cephvol.spec import ImageSpec, format_size
 
 DEFAULT_CONF = Path("/etc/ceph/ceph.conf")
 DEFAULT_CONNECT_TIMEOUT = 15.0
+# Ceph's rbd_default_features (61); krbd maps them all since Linux 5.3
+IMAGE_FEATURES = ("LAYERING", "EXCLUSIVE_LOCK", "OBJECT_MAP", "FAST_DIFF", "DEEP_FLATTEN")
 
 
 @dataclass(frozen=True)
@@ -281,7 +283,13 @@ class Cluster:
             raise UsageError(f"cannot create a snapshot spec {spec}; give POOL/IMAGE")
         with self.ioctx(spec) as ctx:
             try:
-                rbd.RBD().create(ctx, spec.image, size, old_format=False)
+                # Ceph's default feature set, spelled out so that exclusive-lock
+                # (krbd's `exclusive` map option needs it) is there even where a
+                # cluster changed rbd_default_features
+                features = 0
+                for name in IMAGE_FEATURES:
+                    features |= getattr(rbd, f"RBD_FEATURE_{name}")
+                rbd.RBD().create(ctx, spec.image, size, old_format=False, features=features)
                 return True
             except rbd.ImageExists:
                 pass

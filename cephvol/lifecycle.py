@@ -7,6 +7,7 @@ The library never prints; it returns results and raises CephvolErrors.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -134,9 +135,18 @@ def attach(host: Host, req: AttachRequest) -> dict[str, Any]:
         if read_only:
             mapping = _map(host, backend, spec, opts, st)
         else:
-            with Cluster(host.cfg) as cluster:
+            try:
+                cluster = Cluster(host.cfg)
+                cluster.connect()
+            except CephvolError:
+                if not st.steps:  # nothing done yet: leave nothing behind
+                    store.remove(spec.key)
+                raise
+            try:
                 mapping = _map_owned(host, cluster, backend, spec, opts, st, req,
                                      premapped=found[1] if found else None)
+            finally:
+                cluster.close()
         st.backend, st.device, st.backend_id = backend.name, mapping.device, mapping.backend_id
         st.extra = {**{k: v for k, v in st.extra.items() if k in ("owner", "takeover")},
                     **mapping.extra}
@@ -228,7 +238,16 @@ def _map_owned(host: Host, cluster: Cluster, backend: Backend, spec: ImageSpec,
         # the kernel's own guard: no second writer even outside cephvol
         opts = MapOptions(**{**opts.__dict__, "exclusive": True,
                              "lock_timeout": opts.lock_timeout or int(step_timeout())})
-    mapping = _map(host, backend, spec, opts, st)
+    try:
+        mapping = backend.map(spec, opts)
+    except CephvolError:
+        if not st.steps:
+            # owned a moment ago for a map that never happened: give it back,
+            # or every other host would be refused for nothing
+            with contextlib.suppress(CephvolError):
+                ownership.release(cluster, spec, me)
+            host.store.remove(spec.key)
+        raise
     addrs: list[str] = []
     deadline = time.monotonic() + 5
     while True:  # rbd-fuse opens the image when the loop device opens its file

@@ -405,3 +405,15 @@ def test_attach_refusals_change_nothing(cluster: CephCluster, image: str, mnt: P
                           text=True).stdout == loops
     assert json.loads(cluster.cli("owner", image, "--json", check=True).stdout)["owner"] is None
     assert not mnt.exists()
+
+
+def test_a_map_that_fails_after_taking_ownership_gives_it_back(
+        cluster: CephCluster, image: str, mnt: Path) -> None:
+    """The fuse backend refuses --exclusive only once ownership was taken:
+    nothing may stay owned (other hosts would be refused) or journalled."""
+    cluster.cli("create", image, "--size", "64M", check=True)
+    cp = cluster.cli("attach", image, "--mountpoint", str(mnt), "--exclusive")
+    assert cp.returncode == 9 and "no exclusive mapping" in cp.stderr, cp.stderr
+    assert json.loads(cluster.cli("owner", image, "--json", check=True).stdout)["owner"] is None
+    assert json.loads(cluster.cli("status", "--json", check=True).stdout) == []
+    assert not mnt.exists()

@@ -172,4 +172,4 @@ def test_units_dir_is_what_render_gives(tmp_path: Path) -> None:
     made = {p.relative_to(out): p.read_text() for p in out.rglob("*.service")}
     shipped = {p.relative_to(REPO / "units"): p.read_text()
                for p in (REPO / "units").rglob("*.service")}
-    assert made == shipped and len(made) == 7
+    assert made == shipped and len(made) == 8
