@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import tempfile
 from pathlib import Path
@@ -91,6 +92,7 @@ def main() -> None:
         finally:
             subprocess.run([CEPHVOL, "dev-cluster", "down", "--dir", str(cluster.directory)],
                            capture_output=True, timeout=120, check=False)
+            shutil.rmtree(work, ignore_errors=True)
     res: dict[str, Any] = json.loads(r.stdout)
     res["machine"] = f"{machine()}; guest kernel {kernel} under qemu (TCG), 1 vCPU"
     for label in ("cephvol", "cephvol_no_exclusive"):
