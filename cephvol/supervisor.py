@@ -114,10 +114,17 @@ def own_scope_argv(what: str, run_root: Path = Path("/run/systemd/system")) -> l
     in its cgroup *before* ExecStopPost= runs `cephvol detach` -- the device
     would vanish under a mounted filesystem with writes still queued (found
     by the systemd-nspawn test). In a scope of its own it lives, like a krbd
-    mapping, until detach unmaps it. Without systemd as PID 1: no prefix.
+    mapping, until detach unmaps it. DefaultDependencies=no keeps the scope
+    out of the shutdown transaction (a scope normally conflicts with
+    shutdown.target and would be stopped alongside, not after, the units
+    whose ExecStopPost= and cephvol-cleanup.service's ExecStop= detach; the
+    nspawn shutdown test left both loop devices behind without it): the
+    daemon stays until everything was detached, like a kernel mapping.
+    Without systemd as PID 1: no prefix.
     """
     if not run_root.is_dir() or not shutil.which("systemd-run"):
         return []
     return ["systemd-run", "--scope", "--quiet", "--collect",
+            "--property=DefaultDependencies=no",
             f"--unit=cephvol-{what}-{uuid.uuid4().hex[:8]}",
             f"--description=cephvol mapping daemon ({what})"]

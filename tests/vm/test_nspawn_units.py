@@ -35,6 +35,7 @@ WRITER = ("/bin/sh -c 'i=0; while true; do echo $i >> \"$CEPHVOL_MOUNTPOINT/log\
 class Container:
     pid1: int
     conf: Path
+    nspawn: subprocess.Popen[bytes]
 
     def run(self, *argv: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
         env = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
@@ -77,14 +78,16 @@ def container(cluster: CephCluster, tmp_path_factory: pytest.TempPathFactory
         stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
     c = None
     try:
-        c = Container(_pid1(proc.pid, time.monotonic() + 60), cluster.conf)
+        c = Container(_pid1(proc.pid, time.monotonic() + 60), cluster.conf, proc)
         c.run("systemctl", "is-system-running", "--wait", timeout=120)  # degraded is fine
         c.ok("sh", "/opt/cephvol-src/vagrant/provision/install-cephvol.sh", "/opt/cephvol-src")
         c.ok("sh", "-c", "for i in $(seq 0 63); do [ -e /dev/loop$i ] || "
                          "mknod -m 660 /dev/loop$i b 7 $i; done")
+        # as on a host: units find the cluster in /etc/ceph (paths inside are absolute)
+        c.ok("sh", "-c", f"mkdir -p /etc/ceph && cp {cluster.conf} /etc/ceph/ceph.conf")
         yield c
     finally:
-        if c is not None:
+        if c is not None and proc.poll() is None:
             c.run("cephvol", "cleanup", "--all", "--force", timeout=300)
         proc.terminate()  # nspawn shuts the container's systemd down cleanly
         try:
@@ -182,3 +185,40 @@ def test_failed_start_detaches_under_systemd_on_this_kernel(
     unit = _install(container, spec, name, "/nonexistent/container-runtime run db")
     assert container.run("systemctl", "start", unit, timeout=180).returncode != 0
     _detached(container, unit, name, spec)
+
+
+def test_shutdown_detaches_everything_before_the_daemons_go(
+        container: Container, cluster: CephCluster, tmp_path: Path) -> None:
+    """Power the container off with a unit's volume and a volume attached by
+    hand (released only by cephvol-cleanup.service's ExecStop=): both must be
+    detached -- rbd-fuse still running until then -- ownership given back,
+    no loop device left, the data intact. Runs last: it ends the container."""
+    c = container
+    specs = [f"rbd/sd-{uuid.uuid4().hex[:8]}" for _ in range(2)]
+    for spec in specs:
+        cluster.cli("create", spec, "--size", "64M", check=True)
+    c.ok("cephvol", "units", "install")
+    c.ok("systemctl", "start", "cephvol-cleanup.service", timeout=120)
+    name = specs[0].split("/")[1]
+    unit = _install(c, specs[0], name, WRITER)
+    c.ok("systemctl", "start", unit, timeout=180)
+    c.ok("cephvol", "attach", specs[1], "--mountpoint", "/srv/manual")
+    c.ok("sh", "-c", "echo kept > /srv/manual/f && sync /srv/manual/f")
+    time.sleep(2)
+    c.run("systemctl", "poweroff")
+    assert c.nspawn.wait(timeout=180) == 0
+    loops = subprocess.run(["losetup", "-l", "-n"], capture_output=True, text=True).stdout
+    assert not any(s.split("/")[1] in loops for s in specs), loops
+    try:
+        for spec in specs:
+            own = json.loads(cluster.cli("owner", spec, "--json", check=True).stdout)
+            assert own["owner"] is None, own  # released at shutdown
+        cluster.cli("attach", specs[0], "--mountpoint", str(tmp_path / "a"), check=True)
+        lines = (tmp_path / "a" / "log").read_text().split()
+        assert len(lines) >= 5 and lines == [str(i) for i in range(len(lines))]
+        cluster.cli("attach", specs[1], "--mountpoint", str(tmp_path / "b"), check=True)
+        assert (tmp_path / "b" / "f").read_text() == "kept\n"
+    finally:
+        for spec in specs:
+            cluster.cli("detach", spec)
+            cluster.cli("rm", spec)
