@@ -81,21 +81,15 @@ def cli(ctx: click.Context, conf: str | None, client_id: str | None,
 @click.pass_obj
 def create(obj: Ctx, spec: str, size: str, as_json: bool) -> None:
     """Create an image (no-op if it exists with this size)."""
-    from cephvol.cluster import Cluster
+    from cephvol import lifecycle
     from cephvol.spec import format_size, parse_size
 
     s = _spec(spec, allow_snap=False)
-    nbytes = parse_size(size)
-    with Cluster(obj.cfg()) as c:
-        created = c.create_image(s, nbytes)
-        free = c.pool_free(s.pool)
-    res: dict[str, Any] = {"image": str(s), "size": nbytes, "created": created}
-    if free is not None and nbytes > free:
-        # thin provisioning makes this legal, and sometimes meant; say it anyway
-        res["warning"] = (f"{format_size(nbytes)} is more than pool {s.pool} can still take "
-                          f"({format_size(free)} free): writes will fail once it is full")
+    res = lifecycle.create(obj.cfg(), s, parse_size(size))
+    if "warning" in res:
         click.echo(f"cephvol: warning: {res['warning']}", err=True)
-    _emit(res, as_json, f"{'created' if created else 'exists'} {s} {format_size(nbytes)}")
+    _emit(res, as_json, f"{'created' if res['created'] else 'exists'} {s} "
+                        f"{format_size(res['size'])}")
 
 
 @cli.command()
@@ -532,18 +526,22 @@ def app_unit_options(f: Any) -> Any:
     return f
 
 
-def _cephvol_path(given: str | None) -> str:
+def _program(*names: str) -> str | None:
+    """The first of `names` found on PATH, as the absolute path a unit needs."""
     import shutil
 
-    if given:
-        return given
-    found = shutil.which("cephvol") or shutil.which(sys.argv[0])
-    return str(Path(found).absolute()) if found else "/usr/local/bin/cephvol"
+    for name in names:
+        found = shutil.which(name)
+        if found:
+            return str(Path(found).absolute())
+    return None
+
+
+def _cephvol_path(given: str | None) -> str:
+    return given or _program("cephvol", sys.argv[0]) or "/usr/local/bin/cephvol"
 
 
 def _app_unit(volume: str, kind: str | None, kw: dict[str, Any]) -> Any:
-    import shutil
-
     from cephvol.units import AppUnit, default_unit_name
 
     if kind is None:
@@ -555,10 +553,7 @@ def _app_unit(volume: str, kind: str | None, kw: dict[str, Any]) -> Any:
         if not sep:
             raise UsageError(f"--setenv {item!r}: expected NAME=VALUE")
         env.append((key, value))
-    runtime = kw["runtime_path"]
-    if runtime is None and kind != "plain":
-        found = shutil.which(kind)
-        runtime = str(Path(found).absolute()) if found else None
+    runtime = kw["runtime_path"] or (_program(kind) if kind != "plain" else None)
     return AppUnit(spec=spec, kind=kind, name=kw["name"] or default_unit_name(spec),
                    style=kw["style"], image=kw["image"], command=kw["command"],
                    mountpoint=kw["mountpoint"], container_path=kw["container_path"],

@@ -8,6 +8,7 @@ The library never prints; it returns results and raises CephvolErrors.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import signal
@@ -31,7 +32,7 @@ from cephvol.mapper import (
     select_backend,
 )
 from cephvol.proc import step_timeout
-from cephvol.spec import ImageSpec, parse_spec
+from cephvol.spec import ImageSpec, format_size, parse_spec
 from cephvol.state import StateStore, VolumeState
 
 CRASH_ENV = "CEPHVOL_TEST_CRASH_AT"  # test hook: SIGKILL ourselves at a named step
@@ -45,8 +46,10 @@ class Host:
     paths: HostPaths
     mountinfo: Path = Path("/proc/self/mountinfo")
 
-    @property
+    @functools.cached_property
     def identity(self) -> ownership.HostIdentity:
+        """Read once per process: attach checks it before changing anything,
+        then owns, records and releases with it (cleanup for every volume)."""
         return ownership.HostIdentity.local()
 
     @property
@@ -99,7 +102,7 @@ def attach(host: Host, req: AttachRequest) -> dict[str, Any]:
     if req.fsck not in fs.FSCK_MODES:
         raise UsageError(f"--fsck must be one of {', '.join(fs.FSCK_MODES)}")
     if not read_only:
-        host.identity  # noqa: B018 -- a host without an identity fails here, having changed nothing
+        _ = host.identity  # a host without an identity fails here, having changed nothing
     store = host.store
     with store.lock(spec.key):
         st = store.load(spec.key)
@@ -132,21 +135,19 @@ def attach(host: Host, req: AttachRequest) -> dict[str, Any]:
             st.mountpoint = mp  # mapped earlier without a mount; mount it now
             store.save(spec.key, st)
         _crash_point("journal")
-        if read_only:
-            mapping = _map(host, backend, spec, opts, st)
-        else:
-            try:
-                cluster = Cluster(host.cfg)
-                cluster.connect()
-            except CephvolError:
-                if not st.steps:  # nothing done yet: leave nothing behind
-                    store.remove(spec.key)
-                raise
-            try:
-                mapping = _map_owned(host, cluster, backend, spec, opts, st, req,
-                                     premapped=found[1] if found else None)
-            finally:
-                cluster.close()
+        try:
+            if read_only:
+                mapping = _map(host, backend, spec, opts)
+            else:
+                with Cluster(host.cfg) as cluster:
+                    mapping = _map_owned(host, cluster, backend, spec, opts, st, req,
+                                         premapped=found[1] if found else None)
+        except CephvolError:
+            # connecting, owning or mapping failed with no step done yet: the
+            # journal of an attach that changed nothing goes too
+            if not st.steps:
+                store.remove(spec.key)
+            raise
         st.backend, st.device, st.backend_id = backend.name, mapping.device, mapping.backend_id
         st.extra = {**{k: v for k, v in st.extra.items() if k in ("owner", "takeover")},
                     **mapping.extra}
@@ -185,17 +186,13 @@ def _still_owned(host: Host, spec: ImageSpec) -> None:
                     "fenced: `cephvol detach --force` here, then attach where it belongs")
 
 
-def _map(host: Host, backend: Backend, spec: ImageSpec, opts: MapOptions,
-         st: VolumeState) -> Mapping:
+def _map(host: Host, backend: Backend, spec: ImageSpec, opts: MapOptions) -> Mapping:
     try:
         return backend.map(spec, opts)
     except CephvolError:
         # Only now ask the cluster what is missing (pool, namespace, image,
         # snapshot): the backends' own errors are vaguer, and asking up
-        # front would cost every attach a cluster round trip (~50 ms).
-        # The journal of a map that never happened goes too.
-        if not st.steps:
-            host.store.remove(spec.key)
+        # front would cost every read-only attach a cluster round trip.
         with Cluster(host.cfg) as cluster:
             cluster.image_info(spec)
         raise
@@ -214,13 +211,8 @@ def _map_owned(host: Host, cluster: Cluster, backend: Backend, spec: ImageSpec,
     if "owner" not in st.extra:
         st.extra["owner"] = {"host_id": me.id, "cookie": None}
         host.store.save(spec.key, st)
-    try:
-        rec, took = ownership.acquire(cluster, spec, me, takeover=req.takeover,
-                                      force=req.force, wait_s=req.takeover_wait)
-    except CephvolError:
-        if not st.steps:
-            host.store.remove(spec.key)
-        raise
+    rec, took = ownership.acquire(cluster, spec, me, takeover=req.takeover,
+                                  force=req.force, wait_s=req.takeover_wait)
     st.extra["owner"] = {"host_id": rec.host_id, "cookie": rec.cookie, "since": rec.since}
     if took:
         st.extra["takeover"] = {"from": took.previous.describe(), "fenced": took.fenced,
@@ -243,10 +235,10 @@ def _map_owned(host: Host, cluster: Cluster, backend: Backend, spec: ImageSpec,
     except CephvolError:
         if not st.steps:
             # owned a moment ago for a map that never happened: give it back,
-            # or every other host would be refused for nothing
+            # or every other host would be refused for nothing (attach then
+            # drops the journal)
             with contextlib.suppress(CephvolError):
                 ownership.release(cluster, spec, me)
-            host.store.remove(spec.key)
         raise
     addrs: list[str] = []
     deadline = time.monotonic() + 5
@@ -258,8 +250,7 @@ def _map_owned(host: Host, cluster: Cluster, backend: Backend, spec: ImageSpec,
     try:
         ownership.record_addrs(cluster, spec, rec, addrs)
     except Owned:
-        backend.unmap(mapping, force=False)
-        host.store.remove(spec.key)
+        backend.unmap(mapping, force=False)  # taken over meanwhile: not ours to use
         raise
     st.extra["owner"]["addrs"] = addrs
     return mapping
@@ -630,6 +621,20 @@ def status(host: Host) -> list[dict[str, Any]]:
 def _owner_row(st: VolumeState) -> dict[str, Any] | None:
     rec = st.extra.get("owner")
     return {k: rec.get(k) for k in ("host_id", "since", "addrs")} if rec else None
+
+
+def create(cfg: ClusterConfig, spec: ImageSpec, size: int) -> dict[str, Any]:
+    """Create the image (idempotent, see Cluster.create_image) and say so when
+    it is larger than its pool can still take: thin provisioning makes that
+    legal, and sometimes meant, but writes fail once the pool is full."""
+    with Cluster(cfg) as cluster:
+        created = cluster.create_image(spec, size)
+        free = cluster.pool_free(spec.pool)
+    res: dict[str, Any] = {"image": str(spec), "size": size, "created": created}
+    if free is not None and size > free:
+        res["warning"] = (f"{format_size(size)} is more than pool {spec.pool} can still take "
+                          f"({format_size(free)} free): writes will fail once it is full")
+    return res
 
 
 def remove(host: Host, spec: ImageSpec) -> None:
