@@ -9,22 +9,40 @@ files are in the directory.
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import json
 import os
+import shlex
 import signal
 import socket
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from cephvol import proc
-from cephvol.errors import Busy, ClusterError, StepTimeout, UsageError
+from cephvol.errors import Busy, ClusterError, StepTimeout, SystemCommandError, UsageError
 from cephvol.hostfs import pid_alive
 
 DAEMONS = ("mon.a", "mgr.x", "osd.0")
 DEFAULT_POOL_NAME = "rbd"
+# Characters ceph.conf cannot hold in a path: '#' and ';' start a comment
+# (cutting the path: the mon then writes outside the directory), '$' starts
+# a metavariable ($name, $cluster, ...), quotes and '\' are parsed.
+_CONF_SPECIAL = "#;$\\\"'"
+
+
+def check_directory(directory: Path) -> None:
+    """Refuse, before anything is made, a directory ceph.conf cannot name."""
+    text = str(directory)
+    bad = sorted({c for c in text if c in _CONF_SPECIAL or not c.isprintable()})
+    if bad:
+        raise UsageError(f"--dir {text!r}: ceph.conf cannot hold {' '.join(map(repr, bad))} "
+                         "in a path; choose another directory")
 
 
 def _conf_text(d: Path, fsid: str, addr: str, v2: int, v1: int) -> str:
@@ -111,17 +129,50 @@ class DevCluster:
         """Create (first time) or restart the cluster; return when `rbd` is writable."""
         t0 = time.monotonic()
         deadline = t0 + timeout
-        self.directory.mkdir(parents=True, exist_ok=True)
-        fresh = not self.conf.exists()
-        if fresh:
-            self._create(v2_port, v1_port)
-        for name in DAEMONS:
-            if self.daemon_state()[name] is None:
-                self._start(name)
-        if fresh:
-            self._create_osd_and_pool(deadline)
-        self._wait_writable(deadline)
+        check_directory(self.directory)
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise SystemCommandError(f"dev-cluster: cannot make {self.directory}: "
+                                     f"{exc.strerror or exc}") from exc
+        with self._locked(deadline):
+            fresh = not self.conf.exists()
+            if fresh:
+                self._create(v2_port, v1_port)
+            for name in DAEMONS:
+                if self.daemon_state()[name] is None:
+                    self._start(name)
+            if fresh:
+                self._create_osd_and_pool(deadline)
+            self._wait_writable(deadline)
         return {**self.describe(), "seconds": round(time.monotonic() - t0, 2), "created": fresh}
+
+    @contextlib.contextmanager
+    def _locked(self, deadline: float) -> Iterator[None]:
+        """Serialise `up`s on one directory: a second one waits for the first
+        and then finds the cluster made and running, instead of racing it
+        through the creation. flock: a killed `up` leaves no stale lock."""
+        try:
+            fd = os.open(self.directory / ".lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW
+                         | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            raise SystemCommandError(f"dev-cluster: cannot lock {self.directory}: "
+                                     f"{exc.strerror or exc}") from exc
+        try:
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except OSError as exc:
+                    if exc.errno not in (errno.EAGAIN, errno.EACCES):
+                        raise
+                    if time.monotonic() >= deadline:
+                        raise Busy(f"dev-cluster in {self.directory}: another 'up' is still "
+                                   "running") from exc
+                    time.sleep(0.1)
+            yield
+        finally:
+            os.close(fd)  # releases the lock
 
     def down(self, *, timeout: float = 60.0) -> list[str]:
         """Stop our daemons (OSD first, mon last), SIGKILL after `timeout`."""
@@ -146,7 +197,8 @@ class DevCluster:
             "directory": str(self.directory),
             "conf": str(self.conf),
             "daemons": self.daemon_state(),
-            "env": f"export CEPH_CONF={self.conf}",
+            # for `eval`: quoted, so a directory with blanks or ';' is one word
+            "env": f"export CEPH_CONF={shlex.quote(str(self.conf))}",
         }
 
     # -- internals -----------------------------------------------------------

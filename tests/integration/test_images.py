@@ -68,7 +68,7 @@ def test_cluster_down_is_a_bounded_clear_error(cluster: CephCluster, tmp_path) -
     assert "cluster unreachable" in cp.stderr
     assert took < 30, f"a 2 s connect timeout took {took:.1f}s"
     missing = cluster.cli("--conf", str(tmp_path / "nope.conf"), "ls")
-    assert missing.returncode == 7 and "does not exist" in missing.stderr
+    assert missing.returncode == 3 and "does not exist" in missing.stderr  # not found
 
 
 def test_json_errors_carry_code_and_message(cluster: CephCluster) -> None:

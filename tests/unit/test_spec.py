@@ -102,3 +102,47 @@ def test_parse_mountpoint_refuses(text: str, why: str) -> None:
 
 def test_parse_mountpoint_normalises() -> None:
     assert str(parse_mountpoint("/srv//db/")) == "/srv/db"
+
+
+# -- issue 21 item 3: `^...$` accepted one trailing "\n"; every check is a fullmatch now
+
+@pytest.mark.parametrize("text", [
+    "rbd/ns\n/pg",  # the issue's: attach rbd/ns (another volume) and lose the rest
+    "rbd\n/pg", "rbd/ns/pg\n@s", "rbd/pg@s\nx", "rbd/ns\r/pg", "rbd/pg\u0663/x",
+    "rbd/p\u00e9g",  # non-ASCII letters too: the names go into paths, units, kernel strings
+])
+def test_spec_components_refuse_a_trailing_newline_and_non_ascii(text: str) -> None:
+    with pytest.raises(UsageError, match="may only contain"):
+        parse_spec(text)
+
+
+@pytest.mark.parametrize("text", ["10G\n", "10\nG", "512\r", "\n512", "1\u0660G", "\u0661G"])
+def test_parse_size_refuses_newlines_and_non_ascii_digits(text: str) -> None:
+    with pytest.raises(UsageError, match="expected a whole number"):
+        parse_size(text)
+
+
+def test_parse_size_still_forgives_blanks() -> None:
+    assert parse_size(" 10 G ") == parse_size("\t10G\t") == 10 << 30
+
+
+def test_device_paths_refuse_a_trailing_newline() -> None:
+    from cephvol.mapper import check_device_path
+
+    assert check_device_path("/dev/loop0") == "/dev/loop0"
+    with pytest.raises(UsageError, match="not a device path"):
+        check_device_path("/dev/loop0\n")
+
+
+def test_host_identity_refuses_a_newline_inside() -> None:
+    from cephvol.ownership import HostIdentity
+
+    with pytest.raises(UsageError, match="host identity"):
+        HostIdentity.local(env={"CEPHVOL_HOST_ID": "a\nb"})
+    assert HostIdentity.local(env={"CEPHVOL_HOST_ID": "host-a\n"}).id == "host-a"  # stripped
+
+
+def test_a_newline_around_the_whole_spec_is_stripped_like_blanks() -> None:
+    """parse_spec strips the text first (documented, tested above); what is
+    left must be a clean spec, so nothing with a newline reaches a unit."""
+    assert str(parse_spec("rbd/pg@s\n")) == "rbd/pg@s"
