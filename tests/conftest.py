@@ -9,9 +9,9 @@ rbd-fuse processes, Ceph daemons or temp dirs.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import uuid
@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+from cephvol.testing import leaks
 
 REPO = Path(__file__).resolve().parent.parent
 CEPHVOL = str(Path(sys.executable).parent / "cephvol")
@@ -56,11 +58,8 @@ class CephCluster:
         return cp
 
 
-def _bound_loops() -> set[str]:
-    out = subprocess.run(["losetup", "-l", "-n", "-O", "NAME,BACK-FILE"], capture_output=True,
-                         text=True, check=False).stdout
-    return {" ".join(line.split()) for line in out.splitlines() if line.strip()}
-
+# shared with the pytest plugin other projects use (cephvol.testing)
+_bound_loops = leaks.bound_loops
 
 # loop devices bound before the session: a loop whose rbd-fuse mount was lazily
 # detached shows its backing file as "/IMAGE", outside the session directory,
@@ -69,31 +68,7 @@ _LOOPS_AT_START: set[str] = set()
 
 
 def _leftovers(base: Path) -> list[str]:
-    found = []
-    b = str(base)
-    for lo in sorted(_bound_loops() - _LOOPS_AT_START):
-        if b not in lo:
-            found.append(f"loop {lo}")
-    for line in Path("/proc/self/mountinfo").read_text().splitlines():
-        mp = line.split()[4]
-        if mp.startswith(b):
-            found.append(f"mount {mp}")
-    out = subprocess.run(["losetup", "-l", "-n", "-O", "NAME,BACK-FILE"], capture_output=True,
-                         text=True, check=False).stdout
-    for line in out.splitlines():
-        if b in line:
-            found.append(f"loop {line.strip()}")
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
-        try:
-            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-        except OSError:
-            continue
-        if b in cmd and state not in ("Z", "X"):
-            found.append(f"process {pid}: {cmd.strip()}")
-    return found
+    return leaks.leftovers(base, _LOOPS_AT_START)
 
 
 @pytest.fixture(scope="session")
@@ -132,42 +107,7 @@ def cluster(session_base: Path) -> Iterator[CephCluster]:
         assert not session_base.exists(), f"{session_base} could not be removed"
 
 
-def _brute_force_cleanup(base: Path, *, kill_all: bool = False) -> None:
-    """Abort FUSE connections, lazily unmount, free loops under `base`, kill
-    its rbd-fuse processes (every process mentioning it with `kill_all`)."""
-    b = str(base)
-    mounts = []
-    for line in Path("/proc/self/mountinfo").read_text().splitlines():
-        f = line.split()
-        if f[4].startswith(b):
-            mounts.append((f[4], f[2], line.split(" - ", 1)[1].split()[0]))
-    # loops first: once their rbd-fuse mount is lazily detached, their backing
-    # path no longer names `base` and they could not be found any more
-    out = subprocess.run(["losetup", "-l", "-n", "-O", "NAME,BACK-FILE"], capture_output=True,
-                         text=True, check=False).stdout
-    for line in out.splitlines():
-        if b in line:
-            subprocess.run(["losetup", "-d", line.split()[0]], check=False, capture_output=True)
-    fusectl = Path("/sys/fs/fuse/connections")
-    if any(t.startswith("fuse") for _, _, t in mounts) and not any(fusectl.iterdir()):
-        subprocess.run(["mount", "-t", "fusectl", "none", str(fusectl)], check=False,
-                       capture_output=True)
-    for mp, majmin, fstype in sorted(mounts, key=lambda m: -len(m[0])):
-        if fstype.startswith("fuse"):
-            abort = fusectl / majmin.split(":")[1] / "abort"
-            if abort.exists():
-                abort.write_text("1")
-        subprocess.run(["umount", "-l", mp], check=False, capture_output=True, timeout=30)
-    for pid in os.listdir("/proc"):
-        if pid.isdigit():
-            try:
-                cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
-            except OSError:
-                continue
-            if (b.encode() in cmd and int(pid) != os.getpid()
-                    and (kill_all or cmd.startswith(b"rbd-fuse"))):
-                with contextlib.suppress(OSError):
-                    os.kill(int(pid), signal.SIGKILL)
+_brute_force_cleanup = leaks.brute_force_cleanup
 
 
 def _force_detach_all(base: Path, conf: Path, state: Path) -> None:
@@ -179,8 +119,12 @@ def _force_detach_all(base: Path, conf: Path, state: Path) -> None:
     if vols.exists():
         from cephvol.spec import spec_from_key
 
-        for p in vols.glob("*.json"):
-            specs.add(str(spec_from_key(p.name[:-5])))
+        for p in vols.glob("*.json*"):
+            try:
+                specs.add(str(json.loads(p.read_text())["spec"]))
+            except (OSError, ValueError, KeyError, TypeError):
+                with contextlib.suppress(Exception):
+                    specs.add(str(spec_from_key(p.name.split(".json")[0])))
     fuse = state / "fuse"
     if fuse.exists():
         from cephvol.spec import spec_from_key
