@@ -11,10 +11,17 @@ unmap a device that is mounted or open unless the operator forced it; give
 up ownership (another host may then write) only after the unmap; a
 mount in another live mount namespace is a user (a running container), so it
 makes the device busy rather than being unmounted behind the container's back.
+The one exception is a *copy*: a mount that sits in the other namespace exactly
+where ours sits (same parent filesystem, same path in it), carried there by a
+recursive bind of a parent directory (`-v /srv:/host-srv`) or by cloning the
+namespace. It is unmounted inside that namespace when no process there uses
+the volume (and the non-lazy unmount fails if one starts to); a copy in use is
+refused, naming who holds it.
 """
 
 from __future__ import annotations
 
+import posixpath
 from dataclasses import dataclass, field
 
 from cephvol.hostfs import Mount
@@ -22,9 +29,10 @@ from cephvol.hostfs import Mount
 
 @dataclass(frozen=True)
 class Step:
-    kind: str  # "sync", "umount", "check-unused", "unmap", "release", "forget", "refuse"
+    # "umount-copy", "sync", "umount", "check-unused", "unmap", "release", "forget", "refuse"
+    kind: str
     target: str = ""
-    detail: str = ""
+    detail: str = ""  # umount-copy: "PID NAMESPACE MAJOR:MINOR" (enter by, device)
 
 
 @dataclass
@@ -39,6 +47,9 @@ class Observed:
     foreign_mounts: dict[str, list[Mount]] = field(default_factory=dict)  # ns -> mounts
     foreign_pids: dict[str, int] = field(default_factory=dict)  # ns -> a pid inside
     owned: bool = False  # the journal says this host took ownership in the cluster
+    # ns -> copies of our mount nobody there uses: unmounted inside that namespace
+    foreign_copies: dict[str, list[Mount]] = field(default_factory=dict)
+    foreign_names: dict[str, str] = field(default_factory=dict)  # ns -> who is in it
 
 
 def split_propagated(own: list[Mount], foreign: list[Mount]) -> tuple[list[Mount], list[Mount]]:
@@ -58,14 +69,72 @@ def split_propagated(own: list[Mount], foreign: list[Mount]) -> tuple[list[Mount
     return real, copies
 
 
+Place = tuple[int, int, str, str]  # parent's device, path in the parent's filesystem, root
+
+
+def _place(m: Mount, by_id: dict[int, Mount]) -> Place | None:
+    parent = by_id.get(m.parent_id)
+    if parent is None or parent.mount_id == m.mount_id:
+        return None
+    rel = posixpath.relpath(m.mountpoint, parent.mountpoint)
+    if rel.startswith(".."):
+        return None
+    return (parent.major, parent.minor, posixpath.normpath(posixpath.join(parent.root, rel)),
+            m.root)
+
+
+def places_of(own: list[Mount], mounts: list[Mount], mountpoint: str | None = None
+              ) -> set[Place]:
+    """Where our mounts of the volume sit, as (parent filesystem, path in it,
+    root); with none left (a rerun after our umount), where the journalled
+    mountpoint would sit: under the deepest mount that contains it."""
+    by_id = {m.mount_id: m for m in mounts}
+    places = {p for m in own if (p := _place(m, by_id))}
+    if not places and mountpoint:
+        mp = posixpath.normpath(mountpoint)
+        under = [m for m in mounts
+                 if mp != m.mountpoint and (m.mountpoint == "/" or
+                                             mp.startswith(m.mountpoint.rstrip("/") + "/"))]
+        if under:
+            parent = max(under, key=lambda m: (len(m.mountpoint), m.mount_id))
+            rel = posixpath.relpath(mp, parent.mountpoint)
+            places.add((parent.major, parent.minor,
+                        posixpath.normpath(posixpath.join(parent.root, rel)), "/"))
+    return places
+
+
+def split_copies(places: set[Place], ns_mounts: list[Mount], candidates: list[Mount]
+                 ) -> tuple[list[Mount], list[Mount]]:
+    """Split another namespace's (non-propagated) mounts of our device into
+    (placed there on purpose, copies of ours).
+
+    A copy sits where ours sits: its parent mount shows the same filesystem
+    and, followed down its own root and path, the same directory (a bind of
+    /srv at /host-srv carries our /srv/x to /host-srv/x). A container's bind
+    of the volume itself (`-v /srv/x:/data`) sits in the container's root
+    filesystem instead: that one is the container's, and never unmounted.
+    """
+    by_id = {m.mount_id: m for m in ns_mounts}
+    placed, copies = [], []
+    for m in candidates:
+        (copies if _place(m, by_id) in places else placed).append(m)
+    return placed, copies
+
+
 def plan_detach(obs: Observed, *, force: bool = False, lazy: bool = False) -> list[Step]:
     steps: list[Step] = []
     if obs.foreign_mounts and not force:
         where = "; ".join(
             f"{m.mountpoint} in the mount namespace of pid {obs.foreign_pids.get(ns, '?')}"
+            + (f" ({obs.foreign_names[ns]})" if obs.foreign_names.get(ns) else "")
             for ns, ms in sorted(obs.foreign_mounts.items()) for m in ms)
         return [Step("refuse", obs.device, f"{obs.device} is still mounted at {where}; "
                      "stop that container first, or pass --force")]
+    # copies first: if one cannot go, nothing of ours has changed yet
+    for ns, ms in sorted(obs.foreign_copies.items()):
+        for m in sorted(ms, key=lambda m: (-m.mountpoint.count("/"), m.mountpoint)):
+            steps.append(Step("umount-copy", m.mountpoint,
+                              f"{obs.foreign_pids.get(ns, 0)} {ns} {m.major}:{m.minor}"))
     # deepest first, so nested mounts come off before their parents
     for m in sorted(obs.own_mounts, key=lambda m: (-m.mountpoint.count("/"), m.mountpoint)):
         steps.append(Step("sync", m.mountpoint))

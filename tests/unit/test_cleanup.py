@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from cephvol.cleanup import Observed, Step, plan_detach, split_propagated
+from cephvol.cleanup import Observed, Step, places_of, plan_detach, split_copies, split_propagated
 from cephvol.hostfs import Mount, parse_mountinfo
 
 
@@ -99,3 +99,63 @@ def test_ownership_is_given_back_only_after_the_unmap() -> None:
     busy = Observed("k", True, "/dev/loop3", True, owned=True,
                     foreign_mounts={"mnt:[1]": [_m("/data")]}, foreign_pids={"mnt:[1]": 42})
     assert _kinds(plan_detach(busy)) == ["refuse"]
+
+
+# -- copies of our mount in other namespaces (a container binding a parent directory) --------
+
+# the host: / on vda (8:0), our volume (7:0) at /srv/app; a container's namespace: its
+# overlay root (0:50), a bind of the host's /srv at /host-srv (root /srv on 8:0) that carried
+# our mount along, and the container's own bind of the volume at /data
+HOST = [Mount(20, 1, 8, 0, "/", "/", "rw", "ext4", "/dev/vda", ("shared:1",)),
+        Mount(152, 20, 7, 0, "/", "/srv/app", "rw", "ext4", "/dev/loop0", ("shared:78",))]
+CONTAINER = [Mount(400, 399, 0, 50, "/", "/", "rw", "overlay", "overlay"),
+             Mount(401, 400, 8, 0, "/srv", "/host-srv", "rw", "ext4", "/dev/vda"),
+             Mount(402, 401, 7, 0, "/", "/host-srv/app", "rw", "ext4", "/dev/loop0"),
+             Mount(403, 400, 7, 0, "/", "/data", "rw", "ext4", "/dev/loop0")]
+
+
+def test_a_bind_of_a_parent_carries_a_copy_and_a_bind_of_the_volume_is_the_containers() -> None:
+    places = places_of([HOST[1]], HOST)
+    placed, copies = split_copies(places, CONTAINER, CONTAINER[2:])
+    assert [m.mountpoint for m in copies] == ["/host-srv/app"]
+    assert [m.mountpoint for m in placed] == ["/data"]
+
+
+def test_a_bind_of_the_root_read_only_carries_a_copy_too() -> None:
+    """`-v /:/rootfs:ro`, as monitoring agents do."""
+    ns = [Mount(500, 499, 0, 51, "/", "/", "rw", "overlay", "overlay"),
+          Mount(501, 500, 8, 0, "/", "/rootfs", "ro", "ext4", "/dev/vda"),
+          Mount(502, 501, 7, 0, "/", "/rootfs/srv/app", "ro", "ext4", "/dev/loop0")]
+    assert split_copies(places_of([HOST[1]], HOST), ns, ns[2:]) == ([], [ns[2]])
+
+
+def test_a_subdirectory_bind_or_another_place_is_not_a_copy() -> None:
+    ns = [Mount(600, 599, 8, 0, "/srv", "/host-srv", "rw", "ext4", "/dev/vda"),
+          Mount(601, 600, 7, 0, "/", "/host-srv/other", "rw", "ext4", "/dev/loop0"),
+          Mount(602, 600, 7, 0, "/sub", "/host-srv/app", "rw", "ext4", "/dev/loop0")]
+    assert split_copies(places_of([HOST[1]], HOST), ns, ns[1:]) == (ns[1:], [])
+
+
+def test_without_our_mount_the_journalled_mountpoint_places_the_copies() -> None:
+    """A rerun of detach after our umount went through but a copy stayed."""
+    assert places_of([], HOST[:1], "/srv/app") == places_of([HOST[1]], HOST)
+    assert places_of([], HOST[:1], None) == set()
+
+
+def test_unused_copies_are_unmounted_first_then_ours() -> None:
+    obs = Observed("k", True, "/dev/loop0", True, own_mounts=[HOST[1]],
+                   foreign_copies={"mnt:[9]": [CONTAINER[2]]}, foreign_pids={"mnt:[9]": 77})
+    steps = plan_detach(obs)
+    assert steps[0] == Step("umount-copy", "/host-srv/app", "77 mnt:[9] 7:0")
+    assert _kinds(steps) == ["umount-copy", "sync", "umount", "check-unused", "unmap", "forget"]
+
+
+def test_a_refusal_names_the_container() -> None:
+    obs = Observed("k", True, "/dev/loop0", True, own_mounts=[HOST[1]],
+                   foreign_mounts={"mnt:[9]": [CONTAINER[2]]}, foreign_pids={"mnt:[9]": 77},
+                   foreign_names={"mnt:[9]": "docker container agent; pid 80 (sh) has its "
+                                             "cwd there"})
+    (step,) = plan_detach(obs)
+    assert step.kind == "refuse"
+    assert ("/host-srv/app in the mount namespace of pid 77 (docker container agent; pid 80 "
+            "(sh) has its cwd there)") in step.detail

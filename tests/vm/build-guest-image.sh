@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Build the qemu test guest from Debian's packages only:
 #   OUT/rootfs.img  ext4 root: debootstrap (minbase) + vagrant/provision/guest-packages.txt
+#                   + tests/vm/container-packages.txt (Podman, runc, Docker: configured
+#                   for an offline test host, not started at boot),
 #                   + Debian's kernel modules, systemd as PID 1, systemd-networkd
 #                   (10.99.0.2/24 on the virtio NIC), the command agent
 #   OUT/vmlinuz     Debian's kernel (the one linux-image-amd64 depends on)
@@ -18,7 +20,8 @@ rm -rf "$build"; mkdir -p "$build"
 trap 'rm -rf "$build"' EXIT
 root=$build/root
 
-pkgs=$(grep -v '^#' "$prov/guest-packages.txt" | paste -sd, -)
+pkgs=$(cat "$prov/guest-packages.txt" "$here/container-packages.txt" | grep -v -e '^#' -e '^$' \
+       | paste -sd, -)
 debootstrap --variant=minbase --include="$pkgs" bookworm "$root" "$mirror" >"$build/debootstrap.log" 2>&1 \
     || { tail -20 "$build/debootstrap.log" >&2; exit 1; }
 
@@ -72,6 +75,32 @@ ln -sf /dev/null "$root/etc/systemd/system/getty@.service"
 ln -sf /dev/null "$root/etc/systemd/system/serial-getty@.service"
 ln -sf /dev/null "$root/etc/systemd/system/getty-static.service"
 rm -f "$root/etc/machine-id"; : > "$root/etc/machine-id"  # a new id per guest boot
+
+# --- container engines: offline, no host firewall or bridge, started only on demand
+# (a unit's Requires=docker.service, or a test): nothing of them runs at boot
+find "$root/etc/systemd/system" -path '*.wants/*' \( -name 'docker.*' -o -name 'containerd.*' \
+    -o -name 'podman*' \) -delete
+mkdir -p "$root/etc/containers" "$root/etc/systemd/system/docker.service.d"
+# crun fails here (setrlimit, hybrid cgroups): runc; no inherited ulimits, no pids
+# limit (the nspawn host has none to give); no network unless a test makes one, and
+# netavark rather than CNI, whose plugins are not installed (a warning on every call)
+cat > "$root/etc/containers/containers.conf" <<'CONF'
+[containers]
+default_ulimits = []
+pids_limit = 0
+netns = "none"
+[engine]
+runtime = "runc"
+[network]
+network_backend = "netavark"
+CONF
+cat > "$root/etc/systemd/system/docker.service.d/cephvol-test.conf" <<'UNIT'
+# never touch a firewall, forwarding or a bridge: containers get only a loopback
+# (/proc/sys is read-only under nspawn anyway); systemd manages the cgroups
+[Service]
+ExecStart=
+ExecStart=/usr/sbin/dockerd -H fd:// --containerd=/run/containerd/containerd.sock --iptables=false --ip6tables=false --bridge=none --ip-forward=false --ip-masq=false --exec-opt native.cgroupdriver=systemd
+UNIT
 rm -rf "$root/var/cache/apt/archives/"*.deb
 
 # --- initramfs: busybox, the modules to reach an ext4 root on virtio, switch_root

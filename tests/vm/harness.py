@@ -35,7 +35,8 @@ VM_DIR = Path(__file__).resolve().parent
 REPO = VM_DIR.parent.parent
 PROVISION = REPO / "vagrant" / "provision"
 BUILD_SCRIPT = VM_DIR / "build-guest-image.sh"
-BUILD_INPUTS = (BUILD_SCRIPT, VM_DIR / "guest-agent.py", PROVISION / "guest-packages.txt")
+BUILD_INPUTS = (BUILD_SCRIPT, VM_DIR / "guest-agent.py", PROVISION / "guest-packages.txt",
+                VM_DIR / "container-packages.txt")
 HOST_ADDR = "10.99.0.1"
 GUEST_ADDR = "10.99.0.2"
 BOOT_TIMEOUT = float(os.environ.get("CEPHVOL_VM_BOOT_TIMEOUT", "300"))
@@ -126,19 +127,21 @@ def ensure_image(timeout: float = 1200) -> GuestImage:
 
 
 class NetNS:
-    """A network namespace with a tap device for the guest; removed on exit."""
+    """A network namespace with a tap device for the guest (or only its
+    loopback, `tap=False`, for nspawn hosts); removed on exit."""
 
-    def __init__(self, prefix: str = "cvt") -> None:
+    def __init__(self, prefix: str = "cvt", *, tap: bool = True) -> None:
         self.name = f"{prefix}-{uuid.uuid4().hex[:8]}"
-        self.tap = "tap0"
+        self.tap = "tap0" if tap else ""
 
     def __enter__(self) -> NetNS:
         self._ip("netns", "add", self.name)
         try:
             self._ip("-n", self.name, "link", "set", "lo", "up")
-            self._ip("-n", self.name, "tuntap", "add", "dev", self.tap, "mode", "tap")
-            self._ip("-n", self.name, "addr", "add", f"{HOST_ADDR}/24", "dev", self.tap)
-            self._ip("-n", self.name, "link", "set", self.tap, "up")
+            if self.tap:
+                self._ip("-n", self.name, "tuntap", "add", "dev", self.tap, "mode", "tap")
+                self._ip("-n", self.name, "addr", "add", f"{HOST_ADDR}/24", "dev", self.tap)
+                self._ip("-n", self.name, "link", "set", self.tap, "up")
         except BaseException:
             self.close()
             raise
@@ -330,3 +333,211 @@ class Guest:
                         "data": base64.b64encode(data).decode()}, 30)
         if r.rc != 0:
             raise HarnessError(f"guest: cannot write {path}: {r.stderr}")
+
+
+# -- the guest image as a container host under systemd-nspawn ------------------------------
+
+UNIFIED_CGROUP = Path("/sys/fs/cgroup/unified")
+
+
+def nspawn_unavailable() -> str | None:
+    """Why no systemd-nspawn container host can run here, or None."""
+    if os.geteuid() != 0:
+        return "systemd-nspawn needs root"
+    for tool in ("systemd-nspawn", "nsenter", "debootstrap", "mke2fs", "ip", "busybox"):
+        if not shutil.which(tool):
+            return f"{tool} is not installed; run scripts/setup"
+    return None
+
+
+def _cgroup2_root() -> Path:
+    """Where this host's cgroup2 hierarchy is: hybrid hosts (no systemd) mount
+    it at /sys/fs/cgroup/unified, unified hosts at /sys/fs/cgroup."""
+    return UNIFIED_CGROUP if UNIFIED_CGROUP.is_dir() else Path("/sys/fs/cgroup")
+
+
+class NspawnHost:
+    """The cached guest image booted by systemd-nspawn (systemd 252 as PID 1,
+    this kernel, fuse backend) as a Docker/Podman host. Use as a context
+    manager; every exit path powers it off and removes what it made.
+
+    - root: the image mounted read-only under --volatile=overlay (never changed);
+    - network: the namespace `netns` (made by the caller, with the dev cluster
+      inside): the engines get CAP_NET_ADMIN there and nowhere else;
+    - cgroups: nspawn needs a cgroup of its own on a host without systemd, and
+      a pure cgroup2 tree inside (SYSTEMD_NSPAWN_UNIFIED_HIERARCHY=1) for the
+      engines; the bpf syscall for their device filters (@keyring for runc);
+    - its own machine-id (`machine_id`), so two hosts are two cephvol owners;
+    - /dev/fuse, /dev/loop-control bound in; /dev/loop0..63 made inside.
+    """
+
+    def __init__(self, image: GuestImage, workdir: Path, netns: str, *,
+                 binds: tuple[str, ...] = (), machine_id: str | None = None,
+                 env: dict[str, str] | None = None) -> None:
+        self.image, self.workdir, self.netns = image, workdir, netns
+        self.binds = binds
+        self.env = dict(env or {})  # for every command run() starts in it
+        self.machine_id = machine_id or uuid.uuid4().hex
+        self.root = workdir / "root"
+        self.cgroup = _cgroup2_root() / f"cephvol-nspawn-{self.machine_id[:12]}"
+        self.pid1 = 0
+        self.boot_seconds = 0.0
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._mounted = False
+        self._loop = ""
+
+    def __enter__(self) -> NspawnHost:
+        try:
+            self.start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def start(self) -> None:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.root.mkdir(exist_ok=True)
+        # losetup, then mount: `mount -o loop` first stats the backing file of
+        # every bound loop device, and hangs on one whose FUSE daemon is stopped
+        self._loop = subprocess.run(
+            ["losetup", "--find", "--show", "--read-only", str(self.image.rootfs)],
+            check=True, timeout=60, capture_output=True, text=True).stdout.strip()
+        subprocess.run(["mount", "-o", "ro", self._loop, str(self.root)],
+                       check=True, timeout=60, capture_output=True)
+        self._mounted = True
+        self.cgroup.mkdir(exist_ok=True)
+        argv = ["systemd-nspawn", "-D", str(self.root), "--volatile=overlay", "-b",
+                "--register=no", "--keep-unit", f"--uuid={self.machine_id}",
+                f"--machine=cvh-{self.machine_id[:8]}",
+                f"--network-namespace-path=/run/netns/{self.netns}",
+                # Docker's runc sets up each container's loopback: NET_ADMIN, which
+                # nspawn grants with --private-network only; here it is our namespace
+                "--capability=CAP_NET_ADMIN",
+                "--system-call-filter=bpf @keyring",
+                f"--bind-ro={REPO}:/opt/cephvol-src", "--bind=/dev/fuse",
+                "--bind=/dev/loop-control", "--tmpfs=/var/lib/docker",
+                # the qemu guest's command agent has no port here (and would
+                # install cephvol concurrently with start()): masked
+                "--bind-ro=/dev/null:/etc/systemd/system/cephvol-guest-agent.service",
+                "--tmpfs=/var/lib/containers", *(f"--bind={b}" for b in self.binds)]
+        env = dict(os.environ, SYSTEMD_NSPAWN_UNIFIED_HIERARCHY="1")
+        t0 = time.monotonic()
+        log = open(self.workdir / "console.log", "wb")
+        # into its own cgroup before exec: nspawn takes the one it runs in
+        self._proc = subprocess.Popen(
+            ["sh", "-c", 'echo $$ > "$0/cgroup.procs" && exec "$@"', str(self.cgroup), *argv],
+            stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env)
+        log.close()
+        self.pid1 = self._find_pid1(t0 + BOOT_TIMEOUT)
+        deadline = t0 + BOOT_TIMEOUT
+        # "offline": its bus is not up yet; "degraded" is fine
+        while self.run("systemctl", "is-system-running").stdout.strip() not in (
+                "running", "degraded"):
+            if time.monotonic() > deadline:
+                raise HarnessError("systemd in the nspawn container did not finish booting")
+            time.sleep(0.1)
+        self.boot_seconds = round(time.monotonic() - t0, 1)
+        self.ok("sh", "/opt/cephvol-src/vagrant/provision/install-cephvol.sh", "/opt/cephvol-src")
+        self.ok("sh", "-c", "for i in $(seq 0 63); do [ -e /dev/loop$i ] || "
+                            "mknod -m 660 /dev/loop$i b 7 $i; done")
+
+    def _find_pid1(self, deadline: float) -> int:
+        assert self._proc is not None
+        while time.monotonic() < deadline:
+            if self._proc.poll() is not None:
+                raise HarnessError(f"systemd-nspawn exited ({self._proc.returncode}): "
+                                   f"{Guest._tail(self.workdir / 'console.log', 1500)}")
+            kids = Path(f"/proc/{self._proc.pid}/task/{self._proc.pid}/children")
+            with contextlib.suppress(OSError):
+                for child in kids.read_text().split():
+                    if Path(f"/proc/{child}/comm").read_text().strip() == "systemd":
+                        return int(child)
+            time.sleep(0.05)
+        raise HarnessError("systemd did not start in the nspawn container")
+
+    def run(self, *argv: str, timeout: float = 120, input: str | None = None
+            ) -> subprocess.CompletedProcess[str]:
+        """argv in the container host (all its namespaces), as root."""
+        env = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+               **self.env}
+        return subprocess.run(["nsenter", "-t", str(self.pid1), "-a", *argv],
+                              capture_output=True, text=True, env=env, timeout=timeout,
+                              check=False, input=input)
+
+    def ok(self, *argv: str, timeout: float = 120) -> str:
+        cp = self.run(*argv, timeout=timeout)
+        if cp.returncode != 0:
+            raise HarnessError(f"container host: {' '.join(argv)} -> {cp.returncode}: "
+                               f"{cp.stderr.strip()[-1500:]}")
+        return cp.stdout
+
+    def poweroff(self, timeout: float = 180) -> int:
+        """Shut systemd down (units stop, ExecStopPost= runs); nspawn's exit code."""
+        if self._proc is None:
+            return 0
+        if self._proc.poll() is None:
+            self._proc.terminate()  # nspawn: SIGTERM -> orderly poweroff of the container
+        try:
+            return self._proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self._proc.kill()
+            self._proc.wait(timeout=30)
+            raise HarnessError("the nspawn container did not power off in time") from None
+
+    def stop(self) -> None:
+        try:
+            if self._proc is not None:
+                with contextlib.suppress(HarnessError):
+                    self.poweroff()
+                self._proc = None
+        finally:
+            if self._mounted:
+                for _ in range(40):
+                    if subprocess.run(["umount", str(self.root)],
+                                      capture_output=True).returncode == 0:
+                        break
+                    time.sleep(0.25)
+                self._mounted = os.path.ismount(self.root)
+            if self._loop and not self._mounted:
+                subprocess.run(["losetup", "-d", self._loop], capture_output=True, timeout=60)
+                self._loop = ""
+            if self.cgroup.exists():
+                for _ in range(40):
+                    with contextlib.suppress(OSError):
+                        self._rmdir_tree(self.cgroup)
+                    if not self.cgroup.exists():
+                        break
+                    time.sleep(0.25)
+
+    @staticmethod
+    def _rmdir_tree(cg: Path) -> None:
+        for child in sorted((p for p in cg.rglob("*") if p.is_dir()),
+                            key=lambda p: -len(p.parts)):
+            child.rmdir()
+        cg.rmdir()
+
+
+def busybox_image(dest: Path) -> Path:
+    """A container image as a tarball, offline: busybox-static, a link per
+    applet, minimal /etc/passwd and /etc/group (for `docker/podman import`)."""
+    root = dest / "busybox-root"
+    shutil.rmtree(root, ignore_errors=True)
+    for d in ("bin", "etc", "data", "tmp", "proc", "sys", "dev"):
+        (root / d).mkdir(parents=True)
+    bb = shutil.which("busybox") or "/bin/busybox"
+    shutil.copy2(bb, root / "bin" / "busybox")
+    applets = subprocess.run([str(root / "bin" / "busybox"), "--list"], capture_output=True,
+                             text=True, check=True, timeout=30).stdout.split()
+    for a in applets:
+        if a != "busybox":
+            (root / "bin" / a).symlink_to("busybox")
+    (root / "etc" / "passwd").write_text("root:x:0:0:root:/:/bin/sh\n"
+                                         "nobody:x:65534:65534:nobody:/:/bin/false\n")
+    (root / "etc" / "group").write_text("root:x:0:\nnogroup:x:65534:\n")
+    tar = dest / "busybox.tar"
+    subprocess.run(["tar", "-C", str(root), "-cf", str(tar), "."], check=True, timeout=60)
+    shutil.rmtree(root)
+    return tar

@@ -1,0 +1,280 @@
+"""Other mount namespaces: who uses a volume there, who lives there, and
+unmounting a leftover copy of a volume's mount from inside one.
+
+A container started while a volume is mounted, binding a parent of the
+mountpoint (`-v /srv:/host-srv`, `-v /:/rootfs:ro`) with the engines' default
+private propagation, keeps its own copy of the mount; our umount does not
+reach it, and the device stays in use (Docker's "device or resource busy").
+Such a copy can be removed from inside that namespace only: a short-lived
+child enters it (setns(CLONE_NEWNS), which a multi-threaded process may not
+do, hence the fork) and calls umount2 without MNT_DETACH. That fails with
+EBUSY while anything there still has a file, a cwd or a root on the copy, so
+a copy in use is never taken away; nothing is lost, the caller refuses.
+
+Python 3.11 has no os.setns, hence ctypes (as in netns.py).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import json
+import os
+import re
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from cephvol.errors import Busy, NotFound, StepTimeout, SystemCommandError
+from cephvol.hostfs import parse_mountinfo
+
+CLONE_NEWNS = 0x00020000
+UMOUNT_NOFOLLOW = 0x8
+PROC = Path("/proc")
+# exit codes of the child, beside an errno from umount2 (all below 64)
+_NOT_THAT_MOUNT = 100  # after setns, the path is not a mount of the device
+_SETNS_FAILED = 101
+
+
+@dataclass(frozen=True)
+class User:
+    """A process in a namespace using a volume there."""
+
+    pid: int
+    command: str
+    what: str  # "open file", "cwd", "root", "mapped file"
+
+
+def namespace_of(pid: int, proc_root: Path = PROC) -> str | None:
+    try:
+        return os.readlink(proc_root / str(pid) / "ns" / "mnt")
+    except OSError:
+        return None
+
+
+def users_in_namespace(ns: str, devnum: tuple[int, int], proc_root: Path = PROC
+                       ) -> list[User]:
+    """Processes whose mount namespace is `ns` and that have a file of the
+    filesystem on `devnum` open, mapped, or as cwd or root.
+
+    Open files are matched by the mount they were opened through (fdinfo's
+    mnt_id against that namespace's mounts of the device), without a stat of
+    the file: a stat would wait on a hung FUSE filesystem another process has
+    open. The cwd and root are compared by st_dev, independent of how paths of
+    another namespace (or a chroot in it) read from here.
+    """
+    found: list[User] = []
+    ids: set[int] | None = None
+    try:
+        names = os.listdir(proc_root)
+    except OSError:
+        return []
+    for name in names:
+        if not name.isdigit():
+            continue
+        d = proc_root / name
+        try:
+            if os.readlink(d / "ns" / "mnt") != ns:
+                continue
+            if ids is None:
+                ids = {m.mount_id for m in parse_mountinfo((d / "mountinfo").read_text())
+                       if m.devnum == devnum}
+        except OSError:
+            continue
+        what = _use(d, devnum, ids)
+        if what:
+            found.append(User(int(name), _comm(d), what))
+    return found
+
+
+def _on(path: Path, devnum: tuple[int, int]) -> bool:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return False
+    return (os.major(st.st_dev), os.minor(st.st_dev)) == devnum
+
+
+def _mnt_id(fdinfo: Path) -> int | None:
+    try:
+        for line in fdinfo.read_text().splitlines():
+            if line.startswith("mnt_id:"):
+                return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _use(pid_dir: Path, devnum: tuple[int, int], mount_ids: set[int]) -> str | None:
+    for link in ("cwd", "root"):
+        if _on(pid_dir / link, devnum):
+            return link
+    try:
+        fds = os.listdir(pid_dir / "fdinfo")
+    except OSError:
+        fds = []
+    for fd in fds:
+        if _mnt_id(pid_dir / "fdinfo" / fd) in mount_ids:
+            return "open file"
+    want = f"{devnum[0]:02x}:{devnum[1]:02x}"
+    try:
+        maps = (pid_dir / "maps").read_text()
+    except OSError:
+        maps = ""
+    for line in maps.splitlines():
+        f = line.split()
+        if len(f) >= 5 and f[3] == want and f[4] != "0":
+            return "mapped file"
+    return None
+
+
+def _comm(pid_dir: Path) -> str:
+    try:
+        return (pid_dir / "comm").read_text().strip()
+    except OSError:
+        return "?"
+
+
+# -- who lives in a namespace ---------------------------------------------------------------
+
+_DOCKER = re.compile(r"docker[-/]([0-9a-f]{64})")
+_PODMAN = re.compile(r"libpod-([0-9a-f]{64})")
+
+
+def container_of(pid: int, proc_root: Path = PROC) -> str | None:
+    """'docker container NAME' / 'podman container NAME' for a process in a
+    container, from its cgroup (docker-ID.scope, libpod-ID.scope) and the
+    engine's own records: Docker's config.v2.json under dockerd's data root,
+    Podman's conmon (`-c ID ... -n NAME`). None when it is not one of theirs."""
+    try:
+        cgroup = (proc_root / str(pid) / "cgroup").read_text()
+    except OSError:
+        return None
+    if m := _DOCKER.search(cgroup):
+        cid = m.group(1)
+        return f"docker container {_docker_name(cid, proc_root) or cid[:12]}"
+    if m := _PODMAN.search(cgroup):
+        cid = m.group(1)
+        return f"podman container {_conmon_name(cid, proc_root) or cid[:12]}"
+    return None
+
+
+def _argvs(comm: str, proc_root: Path) -> list[list[str]]:
+    out = []
+    for name in os.listdir(proc_root):
+        if name.isdigit() and _comm(proc_root / name) == comm:
+            try:
+                raw = (proc_root / name / "cmdline").read_bytes()
+            except OSError:
+                continue
+            out.append([a.decode(errors="replace") for a in raw.split(b"\0") if a])
+    return out
+
+
+def _option(argv: list[str], name: str) -> str | None:
+    for i, a in enumerate(argv):
+        if a == name and i + 1 < len(argv):
+            return argv[i + 1]
+        if a.startswith(name + "="):
+            return a.split("=", 1)[1]
+    return None
+
+
+def _docker_name(cid: str, proc_root: Path) -> str | None:
+    roots = [_option(a, "--data-root") for a in _argvs("dockerd", proc_root)]
+    for root in [r for r in roots if r] + ["/var/lib/docker"]:
+        try:
+            cfg = json.loads((Path(root) / "containers" / cid / "config.v2.json").read_text())
+        except (OSError, ValueError):
+            continue
+        name = cfg.get("Name") if isinstance(cfg, dict) else None
+        if isinstance(name, str) and name.strip("/"):
+            return name.strip("/")
+    return None
+
+
+def _conmon_name(cid: str, proc_root: Path) -> str | None:
+    for argv in _argvs("conmon", proc_root):
+        if _option(argv, "-c") == cid or _option(argv, "--cid") == cid:
+            return _option(argv, "-n") or _option(argv, "--name")
+    return None
+
+
+# -- unmounting a copy inside another namespace ---------------------------------------------
+
+
+def umount_copy(pid: int, ns: str, mountpoint: str, devnum: tuple[int, int], *,
+                timeout: float = 30.0, proc_root: Path = PROC) -> None:
+    """Unmount `mountpoint` (a path as seen inside the namespace) of the
+    device `devnum` inside the mount namespace `ns`, entered through `pid`.
+
+    Non-lazy: raises Busy when anything in that namespace has it open. Checks,
+    before and after entering, that it is still that namespace (a pid can be
+    reused) and that the path is a mount of that device (a path inside a
+    container can be a symlink the container made)."""
+    try:
+        fd = os.open(proc_root / str(pid) / "ns" / "mnt", os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return  # the namespace's last process is gone, and the copy with it
+    except OSError as exc:
+        raise SystemCommandError(f"cannot open the mount namespace of pid {pid}: "
+                                 f"{exc.strerror}") from exc
+    try:
+        if namespace_of(pid, proc_root) != ns:
+            return  # pid reused: the namespace we saw is gone
+        libc = ctypes.CDLL(None, use_errno=True)  # loaded before the fork
+        setns, umount2 = libc.setns, libc.umount2
+        child = os.fork()
+        if child == 0:  # pragma: no cover - runs in the child, reported by exit code
+            code = _child(fd, mountpoint, devnum, setns, umount2)
+            os._exit(code)
+    finally:
+        os.close(fd)
+    code = _wait(child, timeout)
+    if code == 0 or code == errno.EINVAL:  # EINVAL: no longer a mount point
+        return
+    if code == errno.EBUSY:
+        raise Busy(f"{mountpoint} is in use inside the mount namespace of pid {pid}")
+    if code == errno.ENOENT:
+        return
+    if code == _NOT_THAT_MOUNT:
+        raise NotFound(f"{mountpoint} in the mount namespace of pid {pid} is not a mount "
+                       "of the volume any more; not unmounting it")
+    what = "setns" if code == _SETNS_FAILED else os.strerror(code)
+    raise SystemCommandError(f"cannot unmount {mountpoint} in the mount namespace of "
+                             f"pid {pid}: {what}")
+
+
+def _child(fd: int, mountpoint: str, devnum: tuple[int, int],
+           setns: Callable[..., int], umount2: Callable[..., int]) -> int:  # pragma: no cover
+    try:
+        if setns(fd, CLONE_NEWNS) != 0:
+            return _SETNS_FAILED
+        st = os.stat(mountpoint, follow_symlinks=False)
+        up = os.stat(os.path.dirname(mountpoint.rstrip("/")) or "/", follow_symlinks=False)
+        if (os.major(st.st_dev), os.minor(st.st_dev)) != devnum or up.st_dev == st.st_dev:
+            return _NOT_THAT_MOUNT
+        if umount2(mountpoint.encode(), UMOUNT_NOFOLLOW) != 0:
+            return ctypes.get_errno() or 1
+        return 0
+    except FileNotFoundError:
+        return errno.ENOENT
+    except BaseException:
+        return 1
+
+
+def _wait(child: int, timeout: float) -> int:
+    """The child's exit code; a child stuck past the timeout is killed."""
+    deadline = time.monotonic() + timeout
+    while True:
+        pid, status = os.waitpid(child, os.WNOHANG)
+        if pid:
+            return os.waitstatus_to_exitcode(status) if os.WIFEXITED(status) else 1
+        if time.monotonic() > deadline:
+            os.kill(child, signal.SIGKILL)
+            os.waitpid(child, 0)
+            raise StepTimeout(f"unmounting a copy in another mount namespace took over "
+                              f"{timeout:.0f} s")
+        time.sleep(0.01)
