@@ -82,6 +82,8 @@ def bench_all(work: Path, env: dict[str, str], runs: int, scale: list[int]) -> d
     r["cli_version"] = stats([timed(lambda: run([*cv, "--version"], env)) for _ in range(runs)])
     r["cli_status"] = stats([timed(lambda: run([*cv, "status"], env)) for _ in range(runs)])
 
+    r["refusals"] = refusal_bench(work, env, runs)
+
     img, mnt = "rbd/bench-ad", work / "mnt-ad"
     run([*cv, "create", img, "--size", "1G"], env)
     run([*cv, "attach", img, "--mountpoint", str(mnt)], env)  # mkfs once
@@ -145,6 +147,36 @@ def bench_all(work: Path, env: dict[str, str], runs: int, scale: list[int]) -> d
     r["io"] = io_bench(work, env)
     r["fio"] = fio_bench(work, env)
     return r
+
+
+def refusal_bench(work: Path, env: dict[str, str], runs: int) -> dict[str, Any]:
+    """How long a refusal that needs no answer from the cluster takes (issue
+    13: "well under a second"): bad paths and bad input, refused before any
+    connection, map or mount."""
+    link = work / "link-to-root"
+    if not link.is_symlink():
+        link.symlink_to("/")
+    afile = work / "a-file"
+    afile.write_text("x")
+    cases = {
+        "symlink to /": ["attach", "rbd/bench-refuse", "--mountpoint", str(link)],
+        "mountpoint is a file": ["attach", "rbd/bench-refuse", "--mountpoint", str(afile)],
+        "system directory": ["attach", "rbd/bench-refuse", "--mountpoint", "/etc/x"],
+        "bad spec": ["attach", "rbd/bad spec"],
+        "bad size": ["create", "rbd/bench-refuse", "--size", "12Q"],
+    }
+    out: dict[str, Any] = {}
+    for name, args in cases.items():
+        times = []
+        for _ in range(max(3, runs // 2)):
+            t0 = time.perf_counter()
+            cp = subprocess.run([CEPHVOL, *args], env=env, capture_output=True, text=True,
+                                check=False)
+            times.append(time.perf_counter() - t0)
+            if cp.returncode == 0:
+                raise SystemExit(f"bench: {name} was not refused: {cp.stdout}")
+        out[name] = {**stats(times), "exit_code": cp.returncode}
+    return out
 
 
 _LIBRBD = """
@@ -272,6 +304,9 @@ def write(r: dict[str, Any], out: Path) -> None:
         lines.append(f"| {s['n']} volumes: detach sequential / concurrent | "
                      f"{s['sequential_detach_s']} / {s['concurrent_detach_s']} s | | "
                      f"{s['detach_speedup']}x | |")
+    for name, v in r.get("refusals", {}).items():
+        lines.append(f"| refusal: {name} (exit {v['exit_code']}) median / p95 | "
+                     f"{v['median_ms']} / {v['p95_ms']} ms | | | well under 1 s |")
     io = r["io"]
     lines += [f"| sequential write 4 MiB (dd direct) vs librbd | {io['volume_write_MBps']} MB/s "
               f"| {io['librbd_write_MBps']} MB/s | {io['write_ratio']} | ≥ 0.8 |",

@@ -114,8 +114,19 @@ def _check_path(path: Path | str, state_dir: Path | None) -> Path:
     text = mountpoint.check_name(path, "--env-file")
     if text == "/":
         raise UsageError("--env-file '/' is a directory")
+    if state_dir is not None and _top_level_env(text, state_dir):
+        # the shipped units keep env files at /run/cephvol/NAME.env: a plain
+        # NAME.env directly in the state dir is allowed, nothing deeper (the
+        # journals, locks and the mapping daemons' mounts live below it)
+        state_dir = None
     mountpoint.check_policy(text, state_dir, "--env-file", directory=False)
     return Path(text)
+
+
+def _top_level_env(text: str, state_dir: Path) -> bool:
+    parent, _, name = text.rpartition("/")
+    return (name.endswith(".env") and not name.startswith(".")
+            and parent in {str(state_dir), os.path.realpath(state_dir)})
 
 
 def check(path: Path, spec: object, store: StateStore | None,

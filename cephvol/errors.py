@@ -21,6 +21,7 @@ class ExitCode(IntEnum):
     UNSUPPORTED = 9  # backend/kernel cannot do what was asked
     UNSAFE = 10  # refused to protect data (would format a used device, ...)
     SYSTEM = 11  # a host command failed (mount, losetup, rbd-fuse, ...)
+    DATA_LOST = 12  # a flush failed or the mapping died: writes did not reach the cluster
     INTERNAL = 70  # a bug in cephvol
 
 
@@ -80,3 +81,11 @@ class Unsafe(CephvolError):
 
 class SystemCommandError(CephvolError):
     exit_code = ExitCode.SYSTEM
+
+
+class DataLost(CephvolError):
+    """Writes did not reach the cluster: a flush failed, or the daemon serving
+    the mapping died (rbd-fuse killed, this host fenced). Never reported as
+    success; the message says "not written" so a person knows what it means."""
+
+    exit_code = ExitCode.DATA_LOST

@@ -9,12 +9,26 @@ ambiguous result is refused, not formatted.
 
 from __future__ import annotations
 
+import errno
+import json
 import os
+import select
+import stat
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from cephvol import proc
-from cephvol.errors import Busy, Conflict, SystemCommandError, Unsafe, Unsupported, UsageError
+from cephvol import hostfs, mountpoint, proc
+from cephvol._os import mountapi
+from cephvol.errors import (
+    Busy,
+    CephvolError,
+    StepTimeout,
+    SystemCommandError,
+    Unsafe,
+    Unsupported,
+    UsageError,
+)
 
 FSTYPES = ("ext4", "xfs")
 FSCK_MODES = ("auto", "skip", "force")
@@ -95,34 +109,42 @@ def fsck(device: str, fstype: str, mode: str) -> None:
         argv = ["e2fsck", "-p"] + (["-f"] if mode == "force" else []) + [device]
         res = proc.run(argv, check=False, timeout=3600)
         if res.returncode >= 4:
+            # e2fsck's own last words say what it found (proc.failure quotes them)
             raise Unsafe(f"e2fsck found errors on {device} it cannot fix safely "
-                         f"(exit {res.returncode}); run e2fsck by hand, not mounting")
+                         f"({proc.failure(res).message}); run e2fsck by hand, not mounting")
     elif fstype == "xfs" and mode == "force":
         res = proc.run(["xfs_repair", "-n", device], check=False, timeout=3600)
         if res.returncode != 0:
-            raise Unsafe(f"xfs_repair -n found problems on {device}; not mounting")
+            raise Unsafe(f"xfs_repair -n found problems on {device} "
+                         f"({proc.failure(res).message}); not mounting")
 
 
-def check_mountpoint(path: Path, mounts_at: list[str]) -> None:
-    """Refuse a mountpoint that is a file or has something mounted on it;
-    attach asks before it maps, so such a mistake changes nothing."""
-    if str(path) in mounts_at:
-        raise Busy(f"{path} is already a mountpoint of something else")
-    for p in (path, *path.parents):
-        if p.exists():
-            if not p.is_dir():
-                raise Conflict(f"mountpoint {path}: {p} exists and is not a directory")
-            break
+def check_mountpoint(path: Path, mounts: Sequence[hostfs.Mount],
+                     state_dir: Path | None = None) -> None:
+    """Refuse a mountpoint outside policy (cephvol/mountpoint.py: no symlink
+    in the path, no system directory, not the state directory, not already a
+    mountpoint, no non-directory on the way); attach asks before it maps, so
+    such a mistake changes nothing."""
+    mountpoint.check(path, mounts, state_dir)
 
 
-def ensure_mountpoint(path: Path, mounts_at: list[str]) -> None:
-    """Create the directory (0755), refuse one that already has something mounted."""
-    check_mountpoint(path, mounts_at)
-    path.mkdir(parents=True, exist_ok=True, mode=0o755)
+def ensure_mountpoint(path: Path, mounts: Sequence[hostfs.Mount],
+                      state_dir: Path | None = None) -> None:
+    """Create the missing directories (0755) without following links; the
+    policy is checked again, since time has passed since check_mountpoint."""
+    os.close(mountpoint.open_dir(path, mounts, state_dir, create=True))
 
 
-def mount(device: str, mountpoint: Path, fstype: str, options: list[str],
-          read_only: bool) -> None:
+# options mount(8) reads itself (fstab) and never hands to the kernel
+_USERSPACE_OPTIONS = frozenset({"defaults", "auto", "noauto", "nofail", "_netdev", "nouser",
+                                "rw", "suid", "dev", "exec", "atime", "diratime"})
+
+
+def split_mount_options(options: Sequence[str], read_only: bool, fstype: str
+                        ) -> tuple[list[str], int]:
+    """(filesystem options for fsconfig, MOUNT_ATTR_* bits for fsmount).
+    "ro" is both: the superblock read-only (no journal replay, no write to
+    the device) and the mount read-only."""
     opts = list(options)
     if read_only and "ro" not in opts:
         opts.append("ro")
@@ -130,33 +152,208 @@ def mount(device: str, mountpoint: Path, fstype: str, options: list[str],
         opts.append("noload")  # no journal replay: a read-only mapping cannot take writes
     if read_only and fstype == "xfs" and "norecovery" not in opts:
         opts.append("norecovery")
-    argv = ["mount", "-t", fstype]
+    fs_opts: list[str] = []
+    attrs = 0
+    for o in opts:
+        if o in _USERSPACE_OPTIONS or o.startswith("x-"):
+            continue
+        if o in mountapi.MOUNT_ATTRS:
+            if o in ("noatime", "strictatime", "relatime"):
+                attrs &= ~0x70
+            attrs |= mountapi.MOUNT_ATTRS[o]
+            if o == "ro":
+                fs_opts.append("ro")
+            continue
+        fs_opts.append(o)
+    return fs_opts, attrs
+
+
+def mount(device: str, mountpoint_: Path, fstype: str, options: list[str],
+          read_only: bool, *, state_dir: Path | None = None,
+          use_mount_api: bool | None = None) -> None:
+    """Mount through a descriptor of the checked directory (see
+    cephvol/_os/mountapi.py), so nothing swapped into the path meanwhile can
+    redirect it; a refusal carries the kernel's own reason. mount(8) is only
+    the fallback for kernels without fsopen (use_mount_api=False forces it)."""
+    fd = mountpoint.open_dir(mountpoint_, hostfs.read_mounts(), state_dir, create=False)
+    try:
+        fs_opts, attrs = split_mount_options(options, read_only, fstype)
+        if use_mount_api is None or use_mount_api:
+            klog = mountapi.KernelLog()
+            try:
+                _bounded_in_child(lambda: mountapi.mount_at(fd, fstype, device, fs_opts, attrs),
+                                  f"mount {device} at {mountpoint_}")
+                return
+            except mountapi.MountAPIError as exc:
+                reason = exc.reason
+                if not any(m.startswith("e ") for m in exc.messages):
+                    reason = _kernel_reason(klog.read_new(), device, fstype) or reason
+                raise SystemCommandError(
+                    f"mount {device} ({fstype}) at {mountpoint_} failed: {reason}") from exc
+            except OSError as exc:
+                if exc.errno != errno.ENOSYS or use_mount_api:
+                    raise SystemCommandError(
+                        f"mount {device} at {mountpoint_} failed: {exc.strerror}") from exc
+            finally:
+                klog.close()
+        _mount_legacy(device, fd, mountpoint_, fstype, options, read_only)
+    finally:
+        os.close(fd)
+
+
+def _bounded_in_child(fn: Callable[[], None], what: str) -> None:
+    """Run `fn` (a mount through the new API) in a forked child and wait at
+    most the step timeout. Mounting reads the superblock: on a mapping whose
+    daemon waits on an OSD that does not answer, that read sleeps unkillably,
+    and that must be a child we can abandon, never cephvol itself (a unit
+    could not be stopped). The child reports OSError/MountAPIError back."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: only syscalls, then _exit
+        os.close(r)
+        code = 0
+        try:
+            fn()
+            out = b"ok"
+        except mountapi.MountAPIError as exc:
+            out = json.dumps({"errno": exc.errno, "call": exc.call,
+                              "messages": exc.messages}).encode()
+        except OSError as exc:
+            out = json.dumps({"errno": exc.errno or 5, "call": None, "messages": []}).encode()
+        except BaseException:
+            out, code = b"", 70
+        try:
+            os.write(w, out)
+        finally:
+            os._exit(code)
+    os.close(w)
+    bound = proc.step_timeout()
+    try:
+        ready, _, _ = select.select([r], [], [], bound)
+        if not ready:
+            _abandoned_children.append(pid)
+            raise StepTimeout(f"{what} did not finish within {bound:g}s (the device does not "
+                              "answer: is the cluster reachable?)")
+        chunks = []
+        while True:
+            b = os.read(r, 65536)
+            if not b:
+                break
+            chunks.append(b)
+        os.waitpid(pid, 0)
+    finally:
+        os.close(r)
+    data = b"".join(chunks)
+    if data == b"ok":
+        return
+    if not data:
+        raise SystemCommandError(f"{what} failed: the mount helper died")
+    d = json.loads(data)
+    if d["call"] is None:
+        raise OSError(d["errno"], os.strerror(d["errno"]))
+    raise mountapi.MountAPIError(d["errno"], d["call"], d["messages"])
+
+
+# forked mount helpers abandoned after a timeout (in the kernel, unkillable)
+_abandoned_children: list[int] = []
+
+
+def _kernel_reason(lines: list[str], device: str, fstype: str) -> str | None:
+    """The kernel log line about this mount: "EXT4-fs (loop3): ...", "XFS (loop3): ..."."""
+    name = os.path.basename(device)
+    tags = (f"({name})", f"{fstype}:", f"{fstype.upper()}-fs", f"{fstype.upper()}:")
+    hits = [ln for ln in lines if any(t in ln for t in tags)]
+    return hits[-1] if hits else None
+
+
+def _mount_legacy(device: str, fd: int, shown: Path, fstype: str, options: list[str],
+                  read_only: bool) -> None:
+    """mount(8) onto /proc/PID/fd/N: the kernel resolves that magic link to
+    the directory the descriptor holds, not to whatever the path is now."""
+    opts = list(options)
+    if read_only:
+        opts += [o for o in ("ro", {"ext4": "noload", "xfs": "norecovery"}.get(fstype, ""))
+                 if o and o not in opts]
+    argv = ["mount", "--no-canonicalize", "-t", fstype]
     if opts:
         argv += ["-o", ",".join(opts)]
-    proc.run([*argv, device, str(mountpoint)], timeout=300)
+    klog = mountapi.KernelLog()
+    try:
+        res = proc.run([*argv, device, f"/proc/{os.getpid()}/fd/{fd}"], timeout=300,
+                       check=False)
+        if res.returncode != 0:
+            why = _kernel_reason(klog.read_new(), device, fstype)
+            raise SystemCommandError(f"mount {device} ({fstype}) at {shown} failed: "
+                                     f"{why or proc.failure(res).message}")
+    finally:
+        klog.close()
 
 
-def umount(mountpoint: str, *, lazy: bool = False, timeout: float | None = None) -> None:
-    argv = ["umount"] + (["-l"] if lazy else []) + [mountpoint]
-    res = proc.run(argv, check=False, timeout=timeout or proc.step_timeout())
-    if res.returncode != 0:
-        msg = res.stderr.strip().splitlines()[-1] if res.stderr.strip() else "unknown error"
-        if "busy" in msg.lower():
-            raise Busy(f"{mountpoint} is busy")
-        if "not mounted" in msg.lower() or "no mount point" in msg.lower():
+def umount(mountpoint_: str, *, lazy: bool = False, timeout: float | None = None,
+           device: str | None = None) -> None:
+    """Unmount exactly the volume's mount: the parent is opened without
+    following links, the mount on it is checked to be `device`'s (when
+    given), and umount2(UMOUNT_NOFOLLOW) is pointed at that through
+    /proc/PID/fd, in a child so a flush stuck on a lost cluster stays
+    bounded by the step timeout."""
+    try:
+        opened = mountpoint.open_parent(mountpoint_, "mountpoint")
+    except CephvolError as exc:
+        raise Unsafe(f"not unmounting {mountpoint_}: {exc.message}") from exc
+    if opened is None:
+        return  # nothing there any more
+    pfd, name = opened
+    try:
+        try:
+            st = os.stat(name, dir_fd=pfd, follow_symlinks=False)
+        except FileNotFoundError:
             return
-        raise SystemCommandError(f"umount {mountpoint} failed: {msg}")
+        if stat.S_ISLNK(st.st_mode):
+            raise Unsafe(f"not unmounting {mountpoint_}: it is a symlink now")
+        if device is not None:
+            want = hostfs.device_number(device)
+            if (os.major(st.st_dev), os.minor(st.st_dev)) != want:
+                if not any(m.mountpoint == mountpoint_ and m.devnum == want
+                           for m in hostfs.read_mounts()):
+                    return  # the volume is not mounted there (any more)
+                raise Busy(f"something else is mounted over {device} at {mountpoint_}; "
+                           "not unmounting it")
+        # the parent as this process's descriptor: a path that cannot be
+        # redirected, and UMOUNT_NOFOLLOW for the last name
+        target = f"/proc/{os.getpid()}/fd/{pfd}/{name}"
+        res = proc.run(mountapi.umount_argv(target, lazy=lazy), check=False,
+                       timeout=timeout or proc.step_timeout())
+    finally:
+        os.close(pfd)
+    if res.returncode == errno.EBUSY:
+        raise Busy(f"{mountpoint_} is busy")
+    if res.returncode in (errno.EINVAL, errno.ENOENT):
+        return  # not a mountpoint (any more)
+    if res.returncode != 0:
+        why = os.strerror(res.returncode) if res.returncode < 256 else "unknown error"
+        raise SystemCommandError(f"umount {mountpoint_} failed: {why}"
+                                 + (f" ({res.stderr.strip()[-200:]})" if res.stderr.strip()
+                                    else ""))
 
 
-def sync_fs(mountpoint: str) -> None:
+def sync_fs(mountpoint: str) -> str | None:
     """Flush one filesystem (syncfs via `sync -f`), not a host-wide sync that
     may hang on others. A child process, so that with the cluster gone the
-    flush is bounded by the step timeout instead of hanging cephvol itself."""
+    flush is bounded by the step timeout instead of hanging cephvol itself.
+
+    Returns None when everything reached the device, else the reason. syncfs
+    reports writeback errors (errseq) that happened since the file was opened
+    or that nobody has seen yet: a dead rbd-fuse, a fenced client. Such a
+    failure must never become "detached": the caller decides."""
     if not os.path.isdir(mountpoint):
-        return
-    # an I/O error here (a dead rbd-fuse) is not fatal: umount flushes again
-    # and reports what it cannot write; only a hang (timeout) stops detach
-    proc.run(["sync", "--file-system", mountpoint], timeout=proc.step_timeout(), check=False)
+        return None
+    res = proc.run(["sync", "--file-system", mountpoint], timeout=proc.step_timeout(),
+                   check=False)
+    if res.returncode == 0:
+        return None
+    err = res.stderr.strip().splitlines()
+    why = err[-1].rsplit(": ", 1)[-1] if err else f"sync exit {res.returncode}"
+    return why
 
 
 CAP_SYS_RESOURCE = 24

@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from cephvol.cluster import Cluster
-from cephvol.errors import Conflict, Owned, UsageError
+from cephvol.errors import Busy, Conflict, Owned, UsageError
 from cephvol.spec import ImageSpec
 
 OBJECT_PREFIX = "cephvol_owner."
@@ -69,9 +69,41 @@ class HostIdentity:
         if not hid:
             raise UsageError(f"no host identity: {machine_id} is missing or empty "
                              "(run systemd-machine-id-setup) and CEPHVOL_HOST_ID is not set")
-        if not _HOST_ID.match(hid):
+        if not _HOST_ID.fullmatch(hid):
             raise UsageError(f"host identity {hid!r}: use letters, digits and _.:- (≤ 64)")
         return cls(hid, env.get("CEPHVOL_HOST_NAME") or socket.gethostname())
+
+
+class CorruptRecord(Conflict):
+    """The ownership object exists but cannot be read as a record (written
+    out of band). Attach and takeover fail closed on it; `cephvol owner
+    --repair` removes it once no client uses the image."""
+
+
+def repair(cluster: Cluster, spec: ImageSpec) -> str:
+    """Remove a corrupt ownership record, only while no client watches the
+    image (nobody has it mapped or open for writing, anywhere): then there
+    is no owner to protect. "ok" (the record is readable or absent: nothing
+    to repair) or "removed"; Busy while the image is in use."""
+    spec = spec.without_snap()
+    oid = object_name(cluster, spec)
+    data = cluster.read_object(spec, oid)
+    if data is None:
+        return "ok"
+    try:
+        OwnerRecord.decode(data, oid)
+        return "ok"
+    except CorruptRecord:
+        pass
+    users = [w.get("addr", "?") for w in cluster.watchers(spec)]
+    if users:
+        raise Busy(f"{spec}: its ownership record is corrupt, but the image is in use by "
+                   f"{', '.join(users)}; detach it there first, then repair")
+    head = data.split(b"\n", 1)[0] + (b"\n" if b"\n" in data else b"")
+    if not cluster.swap_object(spec, oid, head or data[:1], None):
+        raise Conflict(f"{spec}: the ownership record changed while it was being repaired; "
+                       "look again with `cephvol owner`")
+    return "removed"
 
 
 @dataclass(frozen=True)
@@ -100,9 +132,10 @@ class OwnerRecord:
             return cls(cookie=d["cookie"], host_id=d["host_id"], host=d["host"],
                        since=d["since"], addrs=tuple(d.get("addrs") or ()),
                        taken_over_from=d.get("taken_over_from"))
-        except (ValueError, KeyError, TypeError) as exc:
-            raise Conflict(f"ownership record {where} is unreadable; inspect it with "
-                           f"`rados get` and remove it if no host uses the volume") from exc
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise CorruptRecord(f"ownership record {where} is corrupt (written by something "
+                                "other than cephvol?); `cephvol owner POOL/IMAGE --repair` "
+                                "removes it once no client uses the image") from exc
 
     def describe(self) -> str:
         return f"host {self.host} (id {self.host_id}) since {self.since}"

@@ -16,7 +16,9 @@ from cephvol.errors import UsageError
 DEFAULT_POOL = "rbd"
 # Ceph itself accepts nearly any byte in these names; cephvol accepts a safe
 # subset because the names end up in paths, unit names and kernel strings.
-_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.+-]*$")
+# fullmatch, ASCII only: `$` would also match before a final "\n" and `\w`/`\d`
+# would take any Unicode letter or digit.
+_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+-]*", re.ASCII)
 MAX_POOL_LEN = 63
 MAX_NAMESPACE_LEN = 63
 MAX_IMAGE_LEN = 96
@@ -59,7 +61,7 @@ def _check_name(kind: str, value: str, limit: int, spec: str) -> str:
         raise UsageError(f"invalid image spec {spec!r}: empty {kind} name")
     if len(value) > limit:
         raise UsageError(f"invalid image spec {spec!r}: {kind} name longer than {limit} characters")
-    if not _NAME.match(value):
+    if not _NAME.fullmatch(value):
         raise UsageError(
             f"invalid image spec {spec!r}: {kind} name {value!r} may only contain "
             "letters, digits, '_', '.', '+', '-' and must not start with '.', '+' or '-'"
@@ -106,7 +108,9 @@ def spec_from_key(key: str) -> ImageSpec:
     return parse_spec(text)
 
 
-_SIZE = re.compile(r"^\s*(\d+)\s*([KMGTPE]?)(i?B?)\s*$", re.IGNORECASE)
+# blanks around the number are forgiven, a newline or any other control
+# character is not; digits are ASCII (int() would read other scripts' digits)
+_SIZE = re.compile(r"[ \t]*([0-9]+)[ \t]*([KMGTPE]?)(i?B?)[ \t]*", re.IGNORECASE | re.ASCII)
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40, "P": 1 << 50, "E": 1 << 60}
 MAX_SIZE = 1 << 60  # 1 EiB; librbd's limit is higher, no real pool is
 SECTOR = 512
@@ -118,7 +122,7 @@ def parse_size(text: str) -> int:
     A bare number is bytes, unlike `rbd --size` (MiB): cephvol prefers the
     explicit unit to the surprising default, and requires sector alignment.
     """
-    m = _SIZE.match(str(text))
+    m = _SIZE.fullmatch(str(text))
     if not m or (m.group(3) and not m.group(2) and m.group(3).lower() != "b"):
         raise UsageError(f"invalid size {text!r}: expected a whole number with K/M/G/T/P, e.g. 10G")
     value = int(m.group(1)) * _UNITS[m.group(2).upper()]
@@ -143,13 +147,18 @@ def parse_mountpoint(text: str) -> PurePosixPath:
     """A mountpoint must be absolute, normalised and not the root itself."""
     if not text:
         raise UsageError("empty mountpoint")
-    if "\x00" in text or "\n" in text:
+    if any(ord(c) < 0x20 or c == "\x7f" for c in text):
         raise UsageError("invalid mountpoint: control characters")
     p = PurePosixPath(text)
     if not p.is_absolute():
         raise UsageError(f"invalid mountpoint {text!r}: must be an absolute path")
     if ".." in p.parts:
         raise UsageError(f"invalid mountpoint {text!r}: must not contain '..'")
+    p = PurePosixPath("/" + "/".join(p.parts[1:]))  # "//x" is "/x" to the kernel
     if str(p) == "/":
         raise UsageError("invalid mountpoint '/': refusing to mount over the root")
+    if len(str(p).encode()) >= 4096:
+        raise UsageError("invalid mountpoint: longer than PATH_MAX (4095 bytes)")
+    if any(len(part.encode()) > 255 for part in p.parts):
+        raise UsageError("invalid mountpoint: a path component is longer than 255 bytes")
     return p

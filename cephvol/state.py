@@ -19,17 +19,26 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import hashlib
 import json
 import os
+import stat
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cephvol.errors import Busy, CephvolError, StepTimeout
+from cephvol.errors import Busy, CephvolError, StepTimeout, SystemCommandError
 
 DEFAULT_STATE_DIR = Path("/run/cephvol")
+# The journal's format. Written into every record; a record of a newer
+# format is still read (unknown fields are ignored), so a package upgrade
+# with volumes attached keeps them detachable.
+STATE_VERSION = 1
+# A file name must stay below NAME_MAX (255) with ".json", a "." prefix and
+# a ".PID.tmp" suffix; keys of long pool/namespace/image@snap names do not.
+_MAX_STEM = 200
 
 
 def state_dir_from_env(value: str | os.PathLike[str] | None = None) -> Path:
@@ -54,14 +63,45 @@ class VolumeState:
     extra: dict[str, Any] = field(default_factory=dict)
     pid: int = 0
     updated: float = 0.0
+    version: int = STATE_VERSION
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> VolumeState:
+    def from_dict(cls, d: Any) -> VolumeState:
+        """Build from a parsed record, checking every field's type: a damaged
+        record must be recognised as damage here, not crash a caller later."""
+        if not isinstance(d, dict):
+            raise ValueError(f"expected an object, found {type(d).__name__}")
         known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
+        for name in ("spec", "conf", "client_id"):
+            if not isinstance(known.get(name), str) or not known[name]:
+                raise ValueError(f"field {name!r} is missing or not a string")
+        types: dict[str, tuple[type, ...]] = {
+            "backend": (str,), "phase": (str,), "mountpoint": (str, type(None)),
+            "device": (str, type(None)), "backend_id": (str, type(None)),
+            "fstype": (str, type(None)), "read_only": (bool,), "steps": (list,),
+            "extra": (dict,), "pid": (int,), "updated": (int, float), "version": (int,)}
+        for name, allowed in types.items():
+            if name in known and not isinstance(known[name], allowed):
+                raise ValueError(f"field {name!r} has the wrong type")
+        if not all(isinstance(x, str) for x in known.get("steps", [])):
+            raise ValueError("field 'steps' holds something that is not a step name")
+        from cephvol.spec import parse_spec
+
+        parse_spec(known["spec"])  # raises UsageError (a CephvolError) if garbled
         return cls(**known)
+
+
+def file_stem(key: str) -> str:
+    """The file name (without suffix) for a volume key: the key itself when it
+    fits, else a readable prefix and a hash of the whole key. Idempotent on
+    its own results, so stems listed from the directory map to themselves."""
+    if len(key) <= _MAX_STEM:
+        return key
+    digest = hashlib.sha256(key.encode()).hexdigest()[:24]
+    return f"{key[:_MAX_STEM - 26]}~{digest}"
 
 
 class StateStore:
@@ -69,42 +109,100 @@ class StateStore:
 
     def __init__(self, root: Path) -> None:
         self.root = root
+        # journals found damaged by this process and moved aside: path -> why
+        self.quarantined: dict[str, str] = {}
 
     @property
     def volumes_dir(self) -> Path:
         return self.root / "volumes"
 
     def _path(self, key: str) -> Path:
-        return self.volumes_dir / f"{key}.json"
+        return self.volumes_dir / f"{file_stem(key)}.json"
 
     def load(self, key: str) -> VolumeState | None:
+        """The journal of `key`, or None. A damaged journal (truncated,
+        garbled, wrong types) is moved aside to `KEY.json.corrupt` and treated
+        as missing: one bad file must not stop every other volume, and the
+        volume itself is still detached from what the host shows."""
+        path = self._path(key)
         try:
-            data = json.loads(self._path(key).read_text())
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
         except FileNotFoundError:
             return None
-        except (json.JSONDecodeError, TypeError) as exc:
-            # rename() is atomic, so this is damage, not a half write
-            raise CephvolError(f"state file {self._path(key)} is corrupt: {exc}") from exc
-        return VolumeState.from_dict(data)
-
-    def save(self, key: str, st: VolumeState) -> None:
-        self.volumes_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        st.pid = os.getpid()
-        st.updated = time.time()
-        path = self._path(key)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        except OSError as exc:
+            if exc.errno in (errno.ELOOP, errno.EISDIR, errno.ENXIO):
+                self._quarantine(path, "not a regular file")
+                return None
+            raise SystemCommandError(f"cannot read state file {path}: {exc.strerror}") from exc
         try:
-            os.write(fd, json.dumps(st.to_dict(), indent=1, sort_keys=True).encode())
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                self._quarantine(path, "not a regular file")
+                return None
+            with os.fdopen(fd, "rb", closefd=False) as f:
+                raw = f.read(1 << 20)
+        except OSError as exc:
+            if exc.errno == errno.EISDIR:
+                self._quarantine(path, "not a regular file")
+                return None
+            raise SystemCommandError(f"cannot read state file {path}: {exc.strerror}") from exc
         finally:
             os.close(fd)
-        os.replace(tmp, path)
+        try:
+            return VolumeState.from_dict(json.loads(raw))
+        except (ValueError, TypeError, CephvolError) as exc:
+            # rename() is atomic, so this is damage, not a half write
+            why = getattr(exc, "message", None) or str(exc)
+            self._quarantine(path, why)
+            return None
+
+    def _quarantine(self, path: Path, why: str) -> None:
+        aside = path.with_name(path.name + ".corrupt")
+        with contextlib.suppress(OSError):
+            if aside.is_dir() and not aside.is_symlink():
+                os.rmdir(aside)  # an earlier quarantined directory: keep the newer one
+            os.replace(path, aside)
+        self.quarantined[str(aside)] = why
+        from cephvol import supervisor
+
+        supervisor.event("journal", path.name[: -len(".json")],
+                         f"state file {path} is corrupt ({why}); moved to {aside}; "
+                         "the volume is handled from what the host shows")
+
+    def corrupt_files(self) -> list[Path]:
+        """Journals moved aside as damaged (by any process)."""
+        try:
+            return sorted(self.volumes_dir.glob("*.json.corrupt"))
+        except OSError:
+            return []
+
+    def save(self, key: str, st: VolumeState) -> None:
+        st.pid = os.getpid()
+        st.updated = time.time()
+        st.version = STATE_VERSION
+        path = self._path(key)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        try:
+            self.volumes_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+            try:
+                data = json.dumps(st.to_dict(), indent=1, sort_keys=True).encode()
+                if os.write(fd, data) != len(data):
+                    raise OSError(errno.ENOSPC, "short write")
+            finally:
+                os.close(fd)
+            os.replace(tmp, path)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise SystemCommandError(f"cannot write state file {path}: "
+                                     f"{exc.strerror or exc}") from exc
 
     def remove(self, key: str) -> None:
         with contextlib.suppress(FileNotFoundError):
             self._path(key).unlink()
 
     def keys(self) -> list[str]:
+        """Stems of the journal files (a stem loads the same file as its key)."""
         try:
             return sorted(p.name[: -len(".json")] for p in self.volumes_dir.glob("*.json"))
         except OSError:
@@ -119,8 +217,13 @@ class StateStore:
         cephvol never leaves a stale lock behind.
         """
         d = self.root / "locks"
-        d.mkdir(parents=True, exist_ok=True, mode=0o700)
-        fd = os.open(d / f"{key}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            d.mkdir(parents=True, exist_ok=True, mode=0o700)
+            fd = os.open(d / f"{file_stem(key)}.lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW,
+                         0o600)
+        except OSError as exc:
+            raise SystemCommandError(f"cannot open the lock of volume {key} in {d}: "
+                                     f"{exc.strerror or exc}") from exc
         try:
             end = time.monotonic() + timeout
             while True:

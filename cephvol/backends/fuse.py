@@ -11,9 +11,9 @@ client_mount_timeout is always passed.
 from __future__ import annotations
 
 import contextlib
-import errno
 import os
 import shutil
+import signal
 import time
 from pathlib import Path
 
@@ -45,6 +45,7 @@ _CONNECT_FAILURES = ("failed to fetch mon config", "error connecting to the clus
 
 class FuseBackend(Backend):
     name = "fuse"
+    mappings_are_ours = True
 
     @property
     def fuse_root(self) -> Path:
@@ -65,8 +66,10 @@ class FuseBackend(Backend):
 
     def list_mappings(self) -> list[Mapping]:
         root = str(self.fuse_root)
-        mounts = {m.mountpoint: m for m in read_mounts(self.paths.proc_root / "self" / "mountinfo")
-                  if m.fstype == FSTYPE and os.path.dirname(m.mountpoint) == root}
+        mounts: dict[str, int] = {}
+        for m in read_mounts(self.paths.proc_root / "self" / "mountinfo"):
+            if m.fstype == FSTYPE and os.path.dirname(m.mountpoint) == root:
+                mounts[m.mountpoint] = mounts.get(m.mountpoint, 0) + 1
         loops = {}
         for lo in read_loop_devices(self.paths.sys_root):
             d = os.path.dirname(lo.backing_file)
@@ -91,9 +94,28 @@ class FuseBackend(Backend):
                 backend_id=lo.name if lo else "",
                 read_only=lo.read_only if lo else spec.read_only,
                 extra={"fuse_dir": fuse_dir, "fuse_mounted": fuse_dir in mounts,
-                       "fuse_pid": pid},
+                       "fuse_pid": pid,
+                       # rbd-fuse's mount, covered by a read-only bind of itself
+                       "fuse_protected": mounts.get(fuse_dir, 0) >= 2},
             ))
         return out
+
+    def health(self, mapping: Mapping) -> str | None:
+        if not mapping.device:
+            return None  # half-made: nothing was ever written through it
+        if not mapping.extra.get("fuse_pid"):
+            return "its rbd-fuse is dead"
+        if not mapping.extra.get("fuse_mounted"):
+            return "its rbd-fuse mount is gone"
+        return None
+
+    _aborted = False  # set by abort(): this mapping's daemon is cut loose
+
+    def abort(self, mapping: Mapping) -> None:
+        self._aborted = True
+        fuse_dir = mapping.extra.get("fuse_dir")
+        if fuse_dir:
+            self._abort_connection(Path(fuse_dir))
 
     # -- map -----------------------------------------------------------------
 
@@ -105,6 +127,9 @@ class FuseBackend(Backend):
             raise Unsupported("the fuse backend has no exclusive mapping; use krbd or nbd")
         existing = self.find(spec)
         if existing and existing.device and existing.extra.get("fuse_pid"):
+            if not existing.extra.get("fuse_protected"):
+                self._protect(Path(existing.extra["fuse_dir"]))  # a crash came between
+                existing = self.find(spec) or existing
             return existing
         if existing:
             # half-made by a crash: finish the teardown, then map afresh
@@ -128,11 +153,20 @@ class FuseBackend(Backend):
             image_file = self._verify_file(fuse_dir, spec)
             ro = ["--read-only"] if opts.read_only else []
             res = proc.run(["losetup", "--find", "--show", "--direct-io=on", *ro,
-                            str(image_file)], timeout=30)
+                            str(image_file)], timeout=proc.step_timeout(30.0))
+            device = res.stdout.strip()
+            self._protect(fuse_dir)
+        except StepTimeout:
+            # rbd-fuse does not answer (an OSD that does not): cut its FUSE
+            # connection so nothing waits on it unkillably, then tear down
+            self._abort_connection(fuse_dir)
+            self._loop_off(image_file_of(fuse_dir, spec))
+            self._teardown_fuse(fuse_dir, lazy=True)
+            raise
         except BaseException:
+            self._loop_off(image_file_of(fuse_dir, spec))
             self._teardown_fuse(fuse_dir)
             raise
-        device = res.stdout.strip()
         m = self.find(spec)
         if m is None or m.device != device:
             raise SystemCommandError(f"losetup reported {device} but sysfs does not show it "
@@ -140,22 +174,60 @@ class FuseBackend(Backend):
         return m
 
     def _verify_file(self, fuse_dir: Path, spec: ImageSpec) -> Path:
-        f = fuse_dir / spec.image
+        """The image file rbd-fuse shows, with a size. Looked at from a child
+        (`stat`): a stat of a FUSE file whose daemon waits on an OSD that
+        does not answer sleeps unkillably, and that must never be cephvol."""
+        f = image_file_of(fuse_dir, spec)
+        bound = proc.step_timeout(30.0)
         end = time.monotonic() + 5
         while True:
             try:
-                st = os.stat(f)
-                if st.st_size > 0:
-                    return f
-            except OSError as exc:
-                if exc.errno == errno.ENOTCONN:
-                    raise SystemCommandError(
-                        f"rbd-fuse for {spec} died after starting (dead FUSE mount); "
-                        "see the client log named in the ceph config") from exc
+                res = proc.run(["stat", "--format=%s", str(f)], check=False,
+                               timeout=max(1.0, min(bound, end + bound - time.monotonic())))
+            except StepTimeout as exc:
+                raise StepTimeout(f"rbd-fuse did not answer for image {spec} within "
+                                  f"{bound:g}s (an OSD or the network does not answer); "
+                                  "nothing is left mapped") from exc
+            if res.returncode == 0 and res.stdout.strip() not in ("", "0"):
+                return f
+            if "not connected" in res.stderr:
+                raise SystemCommandError(
+                    f"rbd-fuse for {spec} died after starting (dead FUSE mount); "
+                    "see the client log named in the ceph config")
             if time.monotonic() > end:
                 raise NotFound(f"rbd-fuse does not show image {spec} (pool, namespace "
                                "or image missing, or no permission)")
             time.sleep(0.05)
+
+    def _protect(self, fuse_dir: Path) -> None:
+        """Cover rbd-fuse's mount with a read-only bind of itself. The loop
+        device keeps the file open through the writable mount below; through
+        the path, nothing can unlink or rename the file any more, and rbd-fuse
+        turns those into `rbd rm`/`rbd rename` of the image: an `rm -rf` of
+        the state dir renamed images in the cluster before this."""
+        proc.run(["mount", "--bind", "-o", "ro", str(fuse_dir), str(fuse_dir)],
+                 timeout=proc.step_timeout(30.0))
+
+    def _loop_off(self, image_file: Path) -> None:
+        """Free a loop device bound to `image_file` by a map that failed after
+        losetup (no device name was learnt)."""
+        for lo in read_loop_devices(self.paths.sys_root):
+            if lo.backing_file == str(image_file):
+                proc.run(["losetup", "-d", lo.path], timeout=proc.step_timeout(30.0),
+                         check=False)
+
+    def _abort_connection(self, fuse_dir: Path) -> None:
+        """Abort rbd-fuse's FUSE connection (fusectl): every request waiting
+        on it fails at once instead of sleeping until an OSD answers."""
+        for m in read_mounts(self.paths.proc_root / "self" / "mountinfo"):
+            if m.mountpoint == str(fuse_dir) and m.fstype == FSTYPE:
+                conns = self.paths.sys_root / "fs" / "fuse" / "connections"
+                if not (conns / str(m.minor)).exists():
+                    proc.run(["mount", "-t", "fusectl", "fusectl", str(conns)], check=False,
+                             timeout=10)
+                with contextlib.suppress(OSError):
+                    (conns / str(m.minor) / "abort").write_text("1")
+                return
 
     def refresh_size(self, mapping: Mapping) -> None:
         # rbd-fuse reports the new size on stat; the loop device re-reads it
@@ -175,7 +247,9 @@ class FuseBackend(Backend):
             proc.run(["losetup", "-d", mapping.device], timeout=proc.step_timeout(),
                      check=False)
             try:
-                self._wait_loop_gone(mapping.backend_id, timeout=3.0 if force else 10.0)
+                self._wait_loop_gone(mapping.backend_id, str(image_file_of(fuse_dir,
+                                                                          mapping.image_spec)),
+                                     timeout=3.0 if force else 10.0)
             except StepTimeout:
                 if not force:
                     raise
@@ -187,14 +261,29 @@ class FuseBackend(Backend):
                 return
         self._teardown_fuse(fuse_dir)
 
-    def _wait_loop_gone(self, name: str, timeout: float = 10.0) -> None:
+    def _wait_loop_gone(self, name: str, backing: str, timeout: float = 10.0) -> None:
+        """Wait until loop `name` no longer serves `backing`. The name alone
+        is not enough: another attach may take the freed loop at once."""
         end = time.monotonic() + timeout
         while time.monotonic() < end:
-            if not any(lo.name == name for lo in read_loop_devices(self.paths.sys_root)):
+            if not any(lo.name == name and lo.backing_file == backing
+                       for lo in read_loop_devices(self.paths.sys_root)):
                 return
             time.sleep(0.02)
         raise StepTimeout(f"loop device {name} still bound {timeout:g}s after losetup -d "
                           "(something still holds it open)")
+
+    def _unprotect(self, fuse_dir: Path, *, lazy: bool) -> None:
+        """Unmount the read-only binds on top of rbd-fuse's own mount."""
+        while True:
+            n = sum(1 for m in read_mounts(self.paths.proc_root / "self" / "mountinfo")
+                    if m.mountpoint == str(fuse_dir) and m.fstype == FSTYPE)
+            if n < 2:
+                return
+            res = proc.run(["umount", *(["-l"] if lazy else []), str(fuse_dir)],
+                           timeout=proc.step_timeout(), check=False)
+            if res.returncode != 0:
+                raise proc.failure(res)
 
     def _teardown_fuse(self, fuse_dir: Path, *, lazy: bool = False) -> None:
         """Unmount rbd-fuse and wait for it to exit, so librbd has flushed.
@@ -206,6 +295,7 @@ class FuseBackend(Backend):
         mounted = any(m.mountpoint == str(fuse_dir) and m.fstype == FSTYPE
                       for m in read_mounts(self.paths.proc_root / "self" / "mountinfo"))
         if mounted:
+            self._unprotect(fuse_dir, lazy=lazy)
             fusermount = shutil.which("fusermount3") or "fusermount"
             delay = 0.05
             argv = [fusermount, "-u", *(["-z"] if lazy else []), str(fuse_dir)]
@@ -220,14 +310,22 @@ class FuseBackend(Backend):
                 delay *= 2
         if lazy:
             return
-        bound = proc.step_timeout()
+        bound = min(5.0, proc.step_timeout()) if self._aborted else proc.step_timeout()
         end = time.monotonic() + bound
         for pid in pids:
             while pid_alive(pid, self.paths.proc_root) and time.monotonic() < end:
                 time.sleep(0.02)
+            if pid_alive(pid, self.paths.proc_root) and self._aborted:
+                # fenced: its librbd can never flush; waiting would be forever
+                with contextlib.suppress(OSError):
+                    os.kill(pid, signal.SIGKILL)
+                continue
             if pid_alive(pid, self.paths.proc_root):
                 raise StepTimeout(f"rbd-fuse (pid {pid}) did not exit within {bound:g}s after "
                                   "unmount (it flushes to the cluster first)")
         with contextlib.suppress(OSError):
             fuse_dir.rmdir()
 
+
+def image_file_of(fuse_dir: Path, spec: ImageSpec) -> Path:
+    return fuse_dir / spec.image

@@ -185,3 +185,17 @@ def test_any_path_is_written_where_named_or_refused_changing_nothing(
         assert envfile.remove(str(p), SPEC) == "removed"
     assert sorted(os.listdir("/etc")) == etc
     assert _leftover_tmp(base) == [] and _leftover_tmp(base / "d") == []
+
+
+def test_a_top_level_env_file_in_the_state_dir_is_allowed(tmp_path: Path) -> None:
+    """The shipped units use /run/cephvol/NAME.env, the state dir's top level;
+    nothing deeper (journals, locks, mapping mounts) and no other name."""
+    from cephvol import envfile
+    from cephvol.errors import UsageError
+
+    state = tmp_path / "state"
+    envfile._check_path(state / "pg.env", state)
+    for bad in (state / "volumes" / "pg.env", state / "fuse" / "x.env", state / "pg",
+                state / ".hidden.env"):
+        with pytest.raises(UsageError):
+            envfile._check_path(bad, state)

@@ -41,12 +41,51 @@ def test_unknown_fields_from_a_newer_version_are_ignored(tmp_path: Path) -> None
     assert st is not None and st.spec == "rbd/k"
 
 
-def test_corrupt_journal_is_a_clear_error(tmp_path: Path) -> None:
+def test_corrupt_journal_is_quarantined_not_fatal(tmp_path: Path) -> None:
+    s = StateStore(tmp_path)
+    s.save("ok", VolumeState("rbd/ok", "/c", "admin"))
+    (tmp_path / "volumes" / "k.json").write_text("{not json")
+    assert s.load("k") is None
+    assert not (tmp_path / "volumes" / "k.json").exists()
+    assert (tmp_path / "volumes" / "k.json.corrupt").read_text() == "{not json"
+    assert s.keys() == ["ok"] and s.corrupt_files() == [tmp_path / "volumes" / "k.json.corrupt"]
+    assert s.load("ok") is not None  # the others are untouched
+
+
+@pytest.mark.parametrize("body", ['[]', '{}', '{"spec": 5, "conf": "/c", "client_id": "a"}',
+                                  '{"spec": "rbd/x", "conf": "/c", "client_id": "a", '
+                                  '"steps": "map"}',
+                                  '{"spec": "no/good/spec/here", "conf": "/c", '
+                                  '"client_id": "a"}',
+                                  '{"spec": "rbd/x", "conf": "/c", "client_id": "a", '
+                                  '"extra": []}', 'null', '"text"'])
+def test_wrongly_typed_journal_is_damage(tmp_path: Path, body: str) -> None:
     s = StateStore(tmp_path)
     (tmp_path / "volumes").mkdir()
-    (tmp_path / "volumes" / "k.json").write_text("{not json")
-    with pytest.raises(CephvolError, match="is corrupt"):
-        s.load("k")
+    (tmp_path / "volumes" / "k.json").write_text(body)
+    assert s.load("k") is None
+    assert list(s.quarantined) == [str(tmp_path / "volumes" / "k.json.corrupt")]
+
+
+def test_long_keys_get_bounded_file_names(tmp_path: Path) -> None:
+    from cephvol.spec import parse_spec
+
+    spec = parse_spec(f"{'p' * 63}/{'n' * 63}/{'i' * 96}@{'s' * 96}")
+    s = StateStore(tmp_path)
+    with s.lock(spec.key, timeout=1):
+        s.save(spec.key, VolumeState(str(spec), "/c", "admin"))
+    got = s.load(spec.key)
+    assert got is not None and got.spec == str(spec)
+    (stem,) = s.keys()
+    assert len(stem) + len(".json") < 255 and s.load(stem) is not None
+    other = parse_spec(f"{'p' * 63}/{'n' * 63}/{'i' * 96}@{'s' * 95}t")
+    assert StateStore(tmp_path)._path(other.key) != s._path(spec.key)
+
+
+def test_unwritable_state_dir_is_a_clear_error(tmp_path: Path) -> None:
+    (tmp_path / "volumes").write_text("a file where a directory belongs")
+    with pytest.raises(CephvolError, match="cannot write state file"):
+        StateStore(tmp_path).save("k", VolumeState("rbd/k", "/c", "admin"))
 
 
 _HOLD = """
