@@ -10,8 +10,6 @@ files are in the directory.
 from __future__ import annotations
 
 import contextlib
-import errno
-import fcntl
 import json
 import os
 import shlex
@@ -27,6 +25,7 @@ from typing import Any
 from cephvol import proc
 from cephvol.errors import Busy, ClusterError, StepTimeout, SystemCommandError, UsageError
 from cephvol.hostfs import pid_alive
+from cephvol.waiting import flock_exclusive
 
 DAEMONS = ("mon.a", "mgr.x", "osd.0")
 DEFAULT_POOL_NAME = "rbd"
@@ -159,17 +158,9 @@ class DevCluster:
             raise SystemCommandError(f"dev-cluster: cannot lock {self.directory}: "
                                      f"{exc.strerror or exc}") from exc
         try:
-            while True:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except OSError as exc:
-                    if exc.errno not in (errno.EAGAIN, errno.EACCES):
-                        raise
-                    if time.monotonic() >= deadline:
-                        raise Busy(f"dev-cluster in {self.directory}: another 'up' is still "
-                                   "running") from exc
-                    time.sleep(0.1)
+            if not flock_exclusive(fd, timeout=max(0.0, deadline - time.monotonic()),
+                                   interval=0.1):
+                raise Busy(f"dev-cluster in {self.directory}: another 'up' is still running")
             yield
         finally:
             os.close(fd)  # releases the lock

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import hashlib
 import json
 import os
@@ -30,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from cephvol.errors import Busy, CephvolError, StepTimeout, SystemCommandError
+from cephvol.waiting import flock_exclusive
 
 DEFAULT_STATE_DIR = Path("/run/cephvol")
 # The journal's format. Written into every record; a record of a newer
@@ -225,21 +225,11 @@ class StateStore:
             raise SystemCommandError(f"cannot open the lock of volume {key} in {d}: "
                                      f"{exc.strerror or exc}") from exc
         try:
-            end = time.monotonic() + timeout
-            while True:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except OSError as exc:
-                    if exc.errno not in (errno.EAGAIN, errno.EACCES):
-                        raise
-                    if time.monotonic() >= end:
-                        if timeout == 0:
-                            raise Busy(f"volume {key} is being changed by another cephvol") from exc
-                        raise StepTimeout(
-                            f"another cephvol held volume {key} for more than {timeout:g}s"
-                        ) from exc
-                    time.sleep(0.05)
+            if not flock_exclusive(fd, timeout=timeout):
+                if timeout == 0:
+                    raise Busy(f"volume {key} is being changed by another cephvol")
+                raise StepTimeout(f"another cephvol held volume {key} for more than "
+                                  f"{timeout:g}s")
             yield
         finally:
             os.close(fd)

@@ -34,6 +34,7 @@ from cephvol.hostfs import (
 )
 from cephvol.mapper import Backend, MapOptions, Mapping, Support
 from cephvol.spec import ImageSpec, spec_from_key
+from cephvol.waiting import wait_for
 
 FSTYPE = "fuse.rbd-fuse"
 
@@ -264,13 +265,10 @@ class FuseBackend(Backend):
     def _wait_loop_gone(self, name: str, backing: str, timeout: float = 10.0) -> None:
         """Wait until loop `name` no longer serves `backing`. The name alone
         is not enough: another attach may take the freed loop at once."""
-        end = time.monotonic() + timeout
-        while time.monotonic() < end:
-            if not any(lo.name == name and lo.backing_file == backing
-                       for lo in read_loop_devices(self.paths.sys_root)):
-                return
-            time.sleep(0.02)
-        raise StepTimeout(f"loop device {name} still bound {timeout:g}s after losetup -d "
+        if not wait_for(lambda: not any(lo.name == name and lo.backing_file == backing
+                                        for lo in read_loop_devices(self.paths.sys_root)),
+                        timeout=timeout, interval=0.02, max_interval=0.2):
+            raise StepTimeout(f"loop device {name} still bound {timeout:g}s after losetup -d "
                           "(something still holds it open)")
 
     def _unprotect(self, fuse_dir: Path, *, lazy: bool) -> None:
@@ -313,8 +311,9 @@ class FuseBackend(Backend):
         bound = min(5.0, proc.step_timeout()) if self._aborted else proc.step_timeout()
         end = time.monotonic() + bound
         for pid in pids:
-            while pid_alive(pid, self.paths.proc_root) and time.monotonic() < end:
-                time.sleep(0.02)
+            wait_for(lambda pid=pid: not pid_alive(pid, self.paths.proc_root),
+                     timeout=max(0.0, end - time.monotonic()), interval=0.02,
+                     max_interval=0.2)
             if pid_alive(pid, self.paths.proc_root) and self._aborted:
                 # fenced: its librbd can never flush; waiting would be forever
                 with contextlib.suppress(OSError):

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,6 +34,7 @@ from cephvol.mapper import (
 from cephvol.proc import step_timeout
 from cephvol.spec import ImageSpec, format_size
 from cephvol.state import StateStore, VolumeState
+from cephvol.waiting import wait_for
 
 
 @dataclass
@@ -308,13 +308,10 @@ def _map_owned(host: Host, cluster: Cluster, backend: Backend, spec: ImageSpec,
             with contextlib.suppress(CephvolError):
                 ownership.release(cluster, spec, me)
         raise
-    addrs: list[str] = []
-    deadline = time.monotonic() + 5
-    while True:  # rbd-fuse opens the image when the loop device opens its file
-        addrs = sorted({w["addr"] for w in cluster.watchers(spec)} - before)
-        if addrs or time.monotonic() > deadline:
-            break
-        time.sleep(0.1)
+    # rbd-fuse opens the image when the loop device opens its file: a moment later
+    addrs: list[str] = wait_for(
+        lambda: sorted({w["addr"] for w in cluster.watchers(spec)} - before), timeout=5,
+        interval=0.05)
     try:
         ownership.record_addrs(cluster, spec, rec, addrs)
     except Owned:

@@ -4,7 +4,6 @@ same detach as attach/detach do."""
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 from cephvol import fs, hostfs, ownership
@@ -27,6 +26,7 @@ from cephvol.mapper import (
 )
 from cephvol.spec import ImageSpec, format_size, parse_spec
 from cephvol.state import VolumeState
+from cephvol.waiting import wait_for
 
 
 def _stale_reason(host: Host, st: VolumeState, mapping: Mapping | None) -> str | None:
@@ -102,19 +102,15 @@ def resize(host: Host, spec: ImageSpec, size: int, *, timeout: float = 60.0) -> 
             return res
         backend, mapping = found
         res["device"] = mapping.device
-        deadline = time.monotonic() + timeout
-        delay = 0.05
-        while True:
+        def grown() -> bool:
             # rbd-fuse (and the other daemons) learn the new size a moment
             # after librbd's resize returns: nudge again until the device shows it
             backend.refresh_size(mapping)
-            if fs.device_size(mapping.device, host.paths.sys_root) >= size:
-                break
-            if time.monotonic() > deadline:
-                raise StepTimeout(f"{mapping.device} still shows the old size {timeout:g}s "
-                                  "after the image grew")
-            time.sleep(delay)
-            delay = min(delay * 2, 1.0)
+            return fs.device_size(mapping.device, host.paths.sys_root) >= size
+
+        if not wait_for(grown, timeout=timeout, interval=0.05, backoff=2.0):
+            raise StepTimeout(f"{mapping.device} still shows the old size {timeout:g}s "
+                              "after the image grew")
         st = host.store.load(spec.key)
         if (st and st.mountpoint and st.fstype and not st.read_only
                 and mounted_at(host, st.device, st.mountpoint)):
