@@ -76,15 +76,25 @@ def cli(ctx: click.Context, conf: str | None, client_id: str | None,
 
 @cli.command()
 @click.argument("spec")
-@click.option("--size", required=True, help="Size with a unit: 512M, 10G, 1T.")
+@click.option("--size", help="Size with a unit: 512M, 10G, 1T.")
+@click.option("--from", "parent", metavar="POOL/IMAGE@SNAP",
+              help="Clone this snapshot (clone v2) instead of creating an empty image.")
+@click.option("--flatten", is_flag=True, help="With --from: copy the parent's blocks into "
+              "the clone, so it no longer depends on the snapshot.")
 @json_opt
 @click.pass_obj
-def create(obj: Ctx, spec: str, size: str, as_json: bool) -> None:
-    """Create an image (no-op if it exists with this size)."""
+def create(obj: Ctx, spec: str, size: str | None, parent: str | None, flatten: bool,
+           as_json: bool) -> None:
+    """Create an image (no-op if it exists with this size), or clone a snapshot."""
     from cephvol import lifecycle
     from cephvol.spec import format_size, parse_size
 
     s = _spec(spec, allow_snap=False)
+    if parent is not None or flatten:
+        _clone(obj, s, parent, flatten, size, as_json)
+        return
+    if size is None:
+        raise UsageError("Missing option '--size' (or --from POOL/IMAGE@SNAP to clone)")
     res = lifecycle.create(obj.cfg(), s, parse_size(size))
     if "warning" in res:
         click.echo(f"cephvol: warning: {res['warning']}", err=True)
@@ -102,12 +112,14 @@ def info(obj: Ctx, spec: str, as_json: bool) -> None:
 
     with Cluster(obj.cfg()) as c:
         i = c.image_info(_spec(spec))
+        parent = c.image_parent(_spec(spec))
     text = (f"{i.spec}: size {i.size_human} ({i.size} bytes)\n"
+            f"parent: {parent or '-'}\n"
             f"features: {', '.join(i.features)}\n"
             f"snapshots: {', '.join(i.snapshots) or '-'}\n"
             f"watchers: {', '.join(w.get('addr', '?') for w in i.watchers) or '-'}\n"
             f"lockers: {', '.join(lk['client'] for lk in i.lockers) or '-'}")
-    _emit(i.to_dict(), as_json, text)
+    _emit({**i.to_dict(), "parent": parent}, as_json, text)
 
 
 @cli.command(name="ls")
@@ -141,11 +153,15 @@ def rm(obj: Ctx, spec: str, as_json: bool) -> None:
 
 
 def _env_file(text: str | None) -> Path | None:
+    """Lexical checks only; what is at the path is checked by attach before
+    it maps anything (cephvol/envfile.py)."""
+    from cephvol.mountpoint import check_name
+
     if text is None:
         return None
-    p = Path(text)
-    if not p.is_absolute() or ".." in p.parts or p.name in ("", "."):
-        raise UsageError(f"--env-file {text!r} must be an absolute file path without '..'")
+    p = Path(check_name(text, "--env-file"))
+    if p.name in ("", ".") or text.endswith("/"):
+        raise UsageError(f"--env-file {text!r} must name a file, not a directory")
     return p
 
 
@@ -153,8 +169,9 @@ def map_options(f: Any) -> Any:
     """The mapping options shared by `attach` and `map`."""
     opts = [
         click.option("--backend", default="auto", show_default=True,
-                     type=click.Choice(["auto", "krbd", "nbd", "fuse"]),
-                     help="auto: krbd if the kernel can, else nbd, else fuse."),
+                     type=click.Choice(["auto", "krbd", "nbd", "qsd", "fuse"]),
+                     help="auto: krbd if the kernel can, else nbd, else qsd "
+                          "(qemu-storage-daemon), else fuse (rbd-fuse)."),
         click.option("--read-only", is_flag=True, help="Map (and mount) read-only."),
         click.option("--exclusive/--no-exclusive", default=None,
                      help="krbd/nbd: hold the image's exclusive lock (refuse a second writer, "
@@ -177,7 +194,12 @@ def owner_options(f: Any) -> Any:
                       help="Take the volume from a dead host: wait for its client to go, "
                            "fence it (osd blocklist), then own it here."),
         click.option("--force", is_flag=True,
-                     help="With --takeover: fence the owner even if it looks alive."),
+                     help="With --takeover: fence the owner even if it looks alive. "
+                          "Without: map writable even while other clients (not this "
+                          "volume's owner) watch or lock the image."),
+        click.option("--size", "create_size",
+                     help="Create the image with this size if it is missing (10G); an "
+                          "image of another size is a conflict."),
         click.option("--takeover-wait", type=float, default=45.0, show_default=True,
                      help="With --takeover: seconds to wait for the owner's client to go."),
     ]):
@@ -186,12 +208,14 @@ def owner_options(f: Any) -> Any:
 
 
 def _owner_kw(kw: dict[str, Any]) -> dict[str, Any]:
+    from cephvol.spec import parse_size
+
     takeover, force, wait = kw.pop("takeover"), kw.pop("force"), kw.pop("takeover_wait")
-    if force and not takeover:
-        raise UsageError("--force only goes with --takeover (it fences a live owner)")
+    size = kw.pop("create_size")
     if wait <= 0:
         raise UsageError("--takeover-wait must be greater than zero")
-    return {"takeover": takeover, "force": force, "takeover_wait": wait}
+    return {"takeover": takeover, "force": force, "takeover_wait": wait,
+            "size": parse_size(size) if size is not None else None}
 
 
 def _map_opts(kw: dict[str, Any]) -> Any:
@@ -213,6 +237,9 @@ def _map_opts(kw: dict[str, Any]) -> Any:
 @click.option("--fstype", help="Filesystem for a new volume (ext4, xfs); checked on old ones.")
 @click.option("--mkfs/--no-mkfs", default=True, show_default=True,
               help="Make a filesystem if the device holds nothing at all.")
+@click.option("--force-mkfs", is_flag=True,
+              help="Format even an image that holds data no signature names "
+                   "(DESTROYS that data).")
 @click.option("--mkfs-option", "mkfs_options", multiple=True, help="Extra mkfs argument.")
 @click.option("--fsck", default="auto", show_default=True,
               type=click.Choice(["auto", "skip", "force"]))
@@ -221,7 +248,8 @@ def _map_opts(kw: dict[str, Any]) -> Any:
 @json_opt
 @click.pass_obj
 def attach(obj: Ctx, spec: str, mountpoint: str | None, env_file: str | None, backend: str,
-           fstype: str | None, mkfs: bool, mkfs_options: tuple[str, ...], fsck: str,
+           fstype: str | None, mkfs: bool, force_mkfs: bool, mkfs_options: tuple[str, ...],
+           fsck: str,
            mount_options: tuple[str, ...], as_json: bool, **kw: Any) -> None:
     """Map an image, make a filesystem if it has none, mount it; print the device."""
     from cephvol import lifecycle
@@ -235,12 +263,18 @@ def attach(obj: Ctx, spec: str, mountpoint: str | None, env_file: str | None, ba
     for o in mopts:
         if not o.replace("_", "").replace("=", "").replace("-", "").isalnum():
             raise UsageError(f"invalid mount option {o!r}")
+        if o.partition("=")[0] in ("source", "bind", "rbind", "move", "remount", "loop"):
+            raise UsageError(f"mount option {o!r} is not a filesystem option; cephvol "
+                             "chooses what is mounted where")
     req = lifecycle.AttachRequest(
         spec=s, mountpoint=mp, backend=backend, options=mo,
-        fstype=fstype, mkfs=mkfs, mkfs_options=list(mkfs_options), fsck=fsck,
+        fstype=fstype, mkfs=mkfs, force_mkfs=force_mkfs, mkfs_options=list(mkfs_options),
+        fsck=fsck,
         mount_options=mopts,
         env_file=_env_file(env_file), **owner_kw)
-    res = lifecycle.attach(obj.host(), req)
+    host = obj.host()
+    _thaw_leftovers(host, s)
+    res = lifecycle.attach(host, req)
     _emit(res, as_json, res["device"])
 
 
@@ -254,7 +288,9 @@ def detach(obj: Ctx, spec: str, force: bool, lazy: bool, as_json: bool) -> None:
     """Flush, unmount and unmap; a no-op (exit 0) when not attached."""
     from cephvol import lifecycle
 
-    res = lifecycle.detach(obj.host(), _spec(spec), force=force, lazy=lazy)
+    host = obj.host()
+    _thaw_leftovers(host, _spec(spec))
+    res = lifecycle.detach(host, _spec(spec), force=force, lazy=lazy)
     _emit(res, as_json, f"detached {res['image']}" if res["detached"]
           else f"{res['image']}: not attached")
 
@@ -317,7 +353,9 @@ def cleanup(obj: Ctx, mode: str, force: bool, as_json: bool) -> None:
     """Finish or undo what crashed cephvols, reboots and dead daemons left behind."""
     from cephvol import lifecycle
 
-    rows = lifecycle.cleanup(obj.host(), everything=mode == "all", force=force)
+    host = obj.host()
+    rows = _thaw_leftovers(host, None) + lifecycle.cleanup(host, everything=mode == "all",
+                                                            force=force)
     lines = [f"{r['image']}: " + ("released" if r["ok"] else f"FAILED ({r['error']})")
              + f" - {r['reason']}" for r in rows] or ["nothing to clean up"]
     _emit(rows, as_json, "\n".join(lines))
@@ -377,8 +415,9 @@ def status(obj: Ctx, as_json: bool) -> None:
         who = f"host identity unknown: {exc}"
     lines = [who, f"{'IMAGE':32} {'BACKEND':7} {'DEVICE':12} {'PHASE':9} MOUNTPOINT"]
     for r in rows:
-        lines.append(f"{r['image']:32} {r['backend'] or '-':7} {r['device'] or '-':12} "
-                     f"{r['phase']:9} {r['mountpoint'] or '-'}")
+        lines.append(f"{r['image'] or r.get('journal') or '-':32} {r['backend'] or '-':7} "
+                     f"{r['device'] or '-':12} {r['phase']:9} {r['mountpoint'] or '-'}"
+                     + (f"  ({r['problem']})" if r.get("problem") else ""))
     _emit(rows, as_json, "\n".join(lines))
 
 
@@ -386,15 +425,23 @@ def status(obj: Ctx, as_json: bool) -> None:
 @click.argument("spec")
 @click.option("--release", is_flag=True,
               help="Give back this host's ownership when nothing is mapped here "
-                   "(after /run was lost); never another host's.")
+                   "(after /run was lost); never another host's. A no-op if unowned.")
+@click.option("--repair", is_flag=True,
+              help="Remove a corrupt ownership record, only while no client uses the image.")
 @json_opt
 @click.pass_obj
-def owner(obj: Ctx, spec: str, release: bool, as_json: bool) -> None:
+def owner(obj: Ctx, spec: str, release: bool, repair: bool, as_json: bool) -> None:
     """Show which host owns a volume (may write it), since when, and from whom
     it was taken over."""
     from cephvol import lifecycle
 
-    res = lifecycle.owner(obj.host(), _spec(spec, allow_snap=False), release=release)
+    if release and repair:
+        raise UsageError("--release and --repair do not go together")
+    res = lifecycle.owner(obj.host(), _spec(spec, allow_snap=False), release=release,
+                          repair=repair)
+    if repair:
+        _emit(res, as_json, f"{res['image']}: {res['message']}")
+        return
     rec = res["owner"]
     if rec is None:
         text = f"{res['image']}: not owned by any host"
@@ -408,6 +455,117 @@ def owner(obj: Ctx, spec: str, release: bool, as_json: bool) -> None:
     if res.get("released"):
         text = f"{res['image']}: released (was owned by this host)"
     _emit(res, as_json, text)
+
+
+# -- snapshots and clones (cephvol/data/snapshots.py) ----------------------------
+
+
+def _thaw_leftovers(host: Any, spec: Any) -> list[dict[str, Any]]:
+    """Thaw a filesystem a killed `snap create` left frozen (before anything
+    else touches the volume: a flush of a frozen filesystem would hang);
+    rows in `cleanup`'s format."""
+    if not (host.paths.state_dir / "freeze").exists():
+        return []  # the common case, without importing the snapshot code
+    from cephvol.data.snapshots import thaw_leftovers
+
+    return [{"image": r["image"], "ok": r["ok"], "error": r.get("error"),
+             "exit_code": int(ExitCode.SYSTEM), "steps": ["thaw"] if r["thawed"] else [],
+             "reason": f"{r['mountpoint']} "
+                       + ("thawed" if r["thawed"] else "was not frozen any more")
+                       + " (left frozen by a killed `snap create`)"}
+            for r in thaw_leftovers(host.paths.state_dir, spec)]
+
+
+def _clone(obj: Ctx, s: Any, parent: str | None, flatten: bool, size: str | None,
+           as_json: bool) -> None:
+    import time
+
+    from cephvol.data import snapshots
+    from cephvol.spec import format_size
+
+    if parent is None:
+        raise UsageError("--flatten goes with --from POOL/IMAGE@SNAP")
+    if size is not None:
+        raise UsageError("a clone has its parent's size; leave out --size (grow it later "
+                         "with `cephvol resize`)")
+    p = snapshots.require_snap(_spec(parent), "--from")
+    start, shown = time.monotonic(), [0.0, -1]
+
+    def progress(done: int, total: int) -> None:
+        now, pct = time.monotonic(), int(100 * done / max(total, 1))
+        # only long flattens: after 1 s, then every 10 % or 2 s
+        if now - start >= 1 and (pct >= shown[1] + 10 or now - shown[0] >= 2):
+            click.echo(f"flattening {s}: {pct}% ({done}/{total} objects)", err=True)
+            shown[:] = [now, pct]
+
+    res = snapshots.clone(obj.cfg(), p, s, flatten=flatten, progress=progress)
+    _emit(res, as_json, f"{'created' if res['created'] else 'exists'} {s} "
+                        f"{format_size(res['size'])} from {res['origin']}"
+                        + (", flattened" if res["flattened"] else ""))
+
+
+@cli.group()
+def snap() -> None:
+    """Snapshots: consistent (frozen) ones of mounted volumes, list, remove, roll back."""
+
+
+@snap.command(name="create")
+@click.argument("spec", metavar="POOL/IMAGE@SNAP")
+@click.option("--freeze-timeout", type=float,
+              help="Longest a mounted filesystem stays frozen, seconds "
+                   "[$CEPHVOL_FREEZE_TIMEOUT, 30].")
+@json_opt
+@click.pass_obj
+def snap_create(obj: Ctx, spec: str, freeze_timeout: float | None, as_json: bool) -> None:
+    """Snapshot an image; a volume mounted here is frozen for it (consistent)."""
+    from cephvol.data import snapshots
+
+    s = snapshots.require_snap(_spec(spec), "snap create")
+    res = snapshots.create(obj.host(), s, bound=snapshots.parse_bound(freeze_timeout))
+    if "warning" in res:
+        click.echo(f"cephvol: warning: {res['warning']}", err=True)
+    _emit(res, as_json, f"created {s}" + (f" ({res['mountpoint']} frozen "
+                                          f"{res['frozen_ms']:.0f} ms)" if res["frozen"]
+                                          else " (not mounted here: crash-consistent)"))
+
+
+@snap.command(name="ls")
+@click.argument("spec", metavar="POOL/IMAGE")
+@json_opt
+@click.pass_obj
+def snap_ls(obj: Ctx, spec: str, as_json: bool) -> None:
+    """List an image's snapshots, their clones and where they are mapped here."""
+    from cephvol.data import snapshots
+
+    rows = snapshots.list_snapshots(obj.host(), _spec(spec, allow_snap=False))
+    lines = [f"{'NAME':24} {'CREATED':20} {'CLONES':6} MAPPED"]
+    lines += [f"{r['name']:24} {r['created'] or '-':20} {len(r['clones']):<6} "
+              f"{r['mapped_here'] or '-'}" for r in rows]
+    _emit(rows, as_json, "\n".join(lines))
+
+
+@snap.command(name="rm")
+@click.argument("spec", metavar="POOL/IMAGE@SNAP")
+@json_opt
+@click.pass_obj
+def snap_rm(obj: Ctx, spec: str, as_json: bool) -> None:
+    """Remove a snapshot; refused while it is mapped here or has clones."""
+    from cephvol.data import snapshots
+
+    res = snapshots.remove(obj.host(), snapshots.require_snap(_spec(spec), "snap rm"))
+    _emit(res, as_json, f"removed {res['snapshot']}")
+
+
+@snap.command(name="rollback")
+@click.argument("spec", metavar="POOL/IMAGE@SNAP")
+@json_opt
+@click.pass_obj
+def snap_rollback(obj: Ctx, spec: str, as_json: bool) -> None:
+    """Roll an image back to a snapshot; refused while it is attached anywhere."""
+    from cephvol.data import snapshots
+
+    res = snapshots.rollback(obj.host(), snapshots.require_snap(_spec(spec), "snap rollback"))
+    _emit(res, as_json, f"rolled {res['image']} back to {res['snapshot']}")
 
 
 # -- local cluster ----------------------------------------------------------------
@@ -511,9 +669,13 @@ def app_unit_options(f: Any) -> Any:
                      help="bind: host mounts, container gets the directory; device: "
                           "container gets the block device and SYS_ADMIN."),
         click.option("--image", help="Container image (docker, podman)."),
-        click.option("--command", help="plain: the ExecStart= line; docker/podman: "
-                                       "arguments after the image. Inserted as written."),
-        click.option("--name", help="Unit (and container) name [the image's name]."),
+        click.option("--command", help="plain: the ExecStart= line (an absolute path "
+                                       "first); docker/podman: arguments after the image. "
+                                       "Inserted as written: quotes and ${VARS} work, no "
+                                       "backslashes, control characters or lone ';', "
+                                       "a literal % as %%."),
+        click.option("--name", help="Unit (and container) name [the image's name]; not "
+                                    "cephvol* or systemd-*."),
         click.option("--mountpoint", help="bind: host mountpoint [/srv/cephvol/NAME]."),
         click.option("--container-path",
                      help="Path inside the container [/data, or /dev/cephvol for device]."),
@@ -521,6 +683,8 @@ def app_unit_options(f: Any) -> Any:
         click.option("--cephvol-path", help="cephvol in the units [this cephvol's path]."),
         click.option("--runtime-path", help="docker/podman binary [found on PATH]."),
         click.option("--fleet", is_flag=True, help="Add an [X-Fleet] section."),
+        click.option("--size", help="attach creates the image with this size when it is "
+                                    "missing (one unit deploys a volume on an empty cluster)."),
     ]):
         f = opt(f)
     return f
@@ -558,26 +722,30 @@ def _app_unit(volume: str, kind: str | None, kw: dict[str, Any]) -> Any:
                    style=kw["style"], image=kw["image"], command=kw["command"],
                    mountpoint=kw["mountpoint"], container_path=kw["container_path"],
                    environment=tuple(env), cephvol=_cephvol_path(kw["cephvol_path"]),
-                   runtime=runtime, fleet=kw["fleet"])
+                   runtime=runtime, fleet=kw["fleet"], size=kw["size"])
 
 
 @units.command(name="render")
 @click.argument("volume")
 @app_unit_options
 @click.option("-o", "--output-dir", default=".", show_default=True,
-              help="Write NAME.service here; '-' prints it.")
+              help="Write NAME.service here (not through a symlink); '-' prints it.")
+@click.option("--force", is_flag=True,
+              help="Replace a file (or the symlink itself) cephvol did not write.")
 @json_opt
-def units_render(volume: str, kind: str | None, output_dir: str, as_json: bool,
+def units_render(volume: str, kind: str | None, output_dir: str, force: bool, as_json: bool,
                  **kw: Any) -> None:
     """Write an application unit that attaches VOLUME before it starts and
     detaches it after it stops."""
-    from cephvol.units import render_app, write_units
+    from cephvol.units import check_no_symlinks, render_app, write_units
 
     name, text = render_app(_app_unit(volume, kind, kw))
     if output_dir == "-":
         click.echo(text, nl=False)
         return
-    rows = write_units({name: text}, Path(output_dir).absolute(), force=False)
+    out = Path(output_dir).absolute()
+    check_no_symlinks(out, "--output-dir")
+    rows = write_units({name: text}, out, force=force, label="--output-dir")
     _emit(rows[0], as_json, rows[0]["path"])
 
 
@@ -590,7 +758,8 @@ def units_render(volume: str, kind: str | None, output_dir: str, as_json: bool,
 @json_opt
 def units_install(volume: str | None, kind: str | None, unit_dir: str, force: bool,
                   no_reload: bool, as_json: bool, **kw: Any) -> None:
-    """Install cephvol@.service and cephvol-cleanup.service, and with VOLUME
+    """Install cephvol@.service, cephvol-cleanup.service and the volume plugin's
+    cephvol-plugin.service/.socket, and with VOLUME
     --for ... an application unit for it."""
     from cephvol.units import render_app, render_system_units, systemd_running, write_units
 
@@ -600,7 +769,7 @@ def units_install(volume: str | None, kind: str | None, unit_dir: str, force: bo
         files[name] = text
     elif kind:
         raise UsageError("--for needs a VOLUME")
-    rows = write_units(files, Path(unit_dir), force=force)
+    rows = write_units(files, Path(unit_dir), force=force, label="--unit-dir")
     reloaded = False
     if not no_reload and systemd_running() and any(r["action"] != "unchanged" for r in rows):
         from cephvol import proc
@@ -612,6 +781,36 @@ def units_install(volume: str | None, kind: str | None, unit_dir: str, force: bo
           + ("\nsystemctl daemon-reload: done" if reloaded else ""))
 
 
+# -- volume plugin (Docker, Podman) ---------------------------------------------
+
+
+@cli.group()
+def plugin() -> None:
+    """The Docker/Podman volume plugin: `docker volume create -d cephvol`."""
+
+
+@plugin.command(name="serve")
+@click.option("--socket", "socket_path", default="/run/docker/plugins/cephvol.sock",
+              show_default=True, help="Listen here (unless systemd passes the socket).")
+@click.option("--data-dir", envvar="CEPHVOL_PLUGIN_DIR",
+              help="Volume records, kept across reboots [/var/lib/cephvol/plugin].")
+@click.option("--mount-root", help="Volumes are mounted at MOUNT_ROOT/NAME [DATA_DIR/mnt].")
+@click.pass_obj
+def plugin_serve(obj: Ctx, socket_path: str, data_dir: str | None,
+                 mount_root: str | None) -> None:
+    """Answer the volume plugin protocol on a unix socket until stopped."""
+    from cephvol.plugin.protocol import Plugin, PluginPaths
+    from cephvol.plugin.server import serve
+    from cephvol.spec import parse_mountpoint
+
+    host = obj.host()
+    paths = PluginPaths.defaults(
+        host.paths.state_dir,
+        Path(str(parse_mountpoint(data_dir))) if data_dir else None,
+        Path(str(parse_mountpoint(mount_root))) if mount_root else None)
+    serve(Plugin(host, paths), Path(str(parse_mountpoint(socket_path))))
+
+
 # -- entry point -----------------------------------------------------------------
 
 
@@ -621,8 +820,10 @@ def main(argv: list[str] | None = None) -> int:
     as_json = "--json" in args
     debug = "--debug" in args
     try:
-        cli.main(args=args, prog_name="cephvol", standalone_mode=False)
-        return 0
+        # standalone_mode=False: click *returns* the code of a raised
+        # click.exceptions.Exit instead of exiting (cleanup and doctor use it)
+        rv = cli.main(args=args, prog_name="cephvol", standalone_mode=False)
+        return rv if isinstance(rv, int) else 0
     except click.exceptions.Exit as exc:
         return int(exc.exit_code)
     except click.exceptions.Abort:

@@ -1,0 +1,1 @@
+"""Data services on volumes: consistent snapshots and clones (snapshots.py)."""
