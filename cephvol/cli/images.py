@@ -1,0 +1,86 @@
+"""Image commands: create (or clone), info, ls, rm."""
+
+from __future__ import annotations
+
+import click
+
+from cephvol.cli.base import Ctx, _emit, _spec, cli, json_opt
+from cephvol.cli.snapshots import _clone
+from cephvol.errors import UsageError
+
+# -- images ----------------------------------------------------------------------
+
+
+@cli.command()
+@click.argument("spec")
+@click.option("--size", help="Size with a unit: 512M, 10G, 1T.")
+@click.option("--from", "parent", metavar="POOL/IMAGE@SNAP",
+              help="Clone this snapshot (clone v2) instead of creating an empty image.")
+@click.option("--flatten", is_flag=True, help="With --from: copy the parent's blocks into "
+              "the clone, so it no longer depends on the snapshot.")
+@json_opt
+@click.pass_obj
+def create(obj: Ctx, spec: str, size: str | None, parent: str | None, flatten: bool,
+           as_json: bool) -> None:
+    """Create an image (no-op if it exists with this size), or clone a snapshot."""
+    from cephvol import lifecycle
+    from cephvol.spec import format_size, parse_size
+
+    s = _spec(spec, allow_snap=False)
+    if parent is not None or flatten:
+        _clone(obj, s, parent, flatten, size, as_json)
+        return
+    if size is None:
+        raise UsageError("Missing option '--size' (or --from POOL/IMAGE@SNAP to clone)")
+    res = lifecycle.create(obj.cfg(), s, parse_size(size))
+    if "warning" in res:
+        click.echo(f"cephvol: warning: {res['warning']}", err=True)
+    _emit(res, as_json, f"{'created' if res['created'] else 'exists'} {s} "
+                        f"{format_size(res['size'])}")
+
+
+@cli.command()
+@click.argument("spec")
+@json_opt
+@click.pass_obj
+def info(obj: Ctx, spec: str, as_json: bool) -> None:
+    """Show an image: size, features, snapshots, watchers, locks."""
+    from cephvol.cluster import Cluster
+
+    with Cluster(obj.cfg()) as c:
+        i = c.image_info(_spec(spec))
+        parent = c.image_parent(_spec(spec))
+    text = (f"{i.spec}: size {i.size_human} ({i.size} bytes)\n"
+            f"parent: {parent or '-'}\n"
+            f"features: {', '.join(i.features)}\n"
+            f"snapshots: {', '.join(i.snapshots) or '-'}\n"
+            f"watchers: {', '.join(w.get('addr', '?') for w in i.watchers) or '-'}\n"
+            f"lockers: {', '.join(lk['client'] for lk in i.lockers) or '-'}")
+    _emit({**i.to_dict(), "parent": parent}, as_json, text)
+
+
+@cli.command(name="ls")
+@click.argument("pool", default="rbd")
+@json_opt
+@click.pass_obj
+def ls_cmd(obj: Ctx, pool: str, as_json: bool) -> None:
+    """List the images of a pool (POOL or POOL/NAMESPACE)."""
+    from cephvol.cluster import Cluster
+
+    s = _spec(pool.rstrip("/") + "/x", allow_snap=False)
+    with Cluster(obj.cfg()) as c:
+        names = c.list_images(s)
+    _emit(names, as_json, "\n".join(names))
+
+
+@cli.command()
+@click.argument("spec")
+@json_opt
+@click.pass_obj
+def rm(obj: Ctx, spec: str, as_json: bool) -> None:
+    """Remove an image; refused while it is mapped, open, locked or owned anywhere."""
+    from cephvol import lifecycle
+
+    s = _spec(spec, allow_snap=False)
+    lifecycle.remove(obj.host(), s)
+    _emit({"image": str(s), "removed": True}, as_json, f"removed {s}")
