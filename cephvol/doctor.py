@@ -14,12 +14,13 @@ from pathlib import Path
 from typing import Any
 
 from cephvol.cluster import ClusterConfig
-from cephvol.mapper import HostPaths, all_backends
+from cephvol.mapper import BACKEND_NAMES, HostPaths, all_backends
 from cephvol.secrets import keyring_mode_problem
 
 TOOLS = {
     "krbd": (),
     "nbd": ("rbd-nbd",),
+    "qsd": ("qemu-storage-daemon", "losetup", "blockdev"),
     "fuse": ("rbd-fuse", "losetup", "fusermount3", "blockdev"),
 }
 COMMON_TOOLS = ("blkid", "mount", "umount", "mkfs.ext4")
@@ -90,7 +91,7 @@ def run_checks(paths: HostPaths, cfg: ClusterConfig, *, connect: bool = True) ->
                                 f"(fsid {fsid})"))
         except CephvolError as exc:
             checks.append(Check("cluster", False, exc.message))
-    order = [n for n in ("krbd", "nbd", "fuse") if backends[n]["usable"]]
+    order = [n for n in BACKEND_NAMES if backends[n]["usable"]]
     return {
         "kernel": platform.release(),
         "auto_backend": order[0] if order else None,

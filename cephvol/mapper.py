@@ -28,7 +28,7 @@ from cephvol.cluster import ClusterConfig
 from cephvol.errors import Unsupported, UsageError
 from cephvol.spec import ImageSpec, parse_spec
 
-BACKEND_NAMES = ("krbd", "nbd", "fuse")
+BACKEND_NAMES = ("krbd", "nbd", "qsd", "fuse")
 
 
 @dataclass(frozen=True)
@@ -89,6 +89,10 @@ class HostPaths:
 
 class Backend(ABC):
     name: ClassVar[str]
+    # True when every mapping the backend finds is cephvol's by construction
+    # (its daemon and file live under cephvol's state dir): a mapping whose
+    # journal was lost is then adopted, not refused as foreign
+    mappings_are_ours: ClassVar[bool] = False
 
     def __init__(self, paths: HostPaths, cfg: ClusterConfig) -> None:
         self.paths = paths
@@ -109,6 +113,20 @@ class Backend(ABC):
     def refresh_size(self, mapping: Mapping) -> None:
         """Make the device see a grown image. krbd and rbd-nbd follow the
         image's header by themselves; the loop device of fuse needs a nudge."""
+        return None
+
+    def health(self, mapping: Mapping) -> str | None:
+        """None while the mapping can still carry writes to the cluster, else
+        why not (its userspace daemon died, its connection was aborted). A
+        broken mapping is never reported as attached or detached cleanly:
+        writes queued in it are lost. krbd mappings live in the kernel."""
+        return None
+
+    def abort(self, mapping: Mapping) -> None:
+        """Make I/O that waits on this mapping fail at once instead of waiting
+        for the cluster: used only when nothing it holds can reach the
+        cluster any more (this host was fenced). Kernel mappings fail fenced
+        I/O by themselves; userspace daemons may wait forever."""
         return None
 
     def own_pids(self, mapping: Mapping) -> set[int]:
@@ -136,6 +154,10 @@ def backend_class(name: str) -> type[Backend]:
         from cephvol.backends.nbd import NbdBackend
 
         return NbdBackend
+    if name == "qsd":
+        from cephvol.backends.qsd import QsdBackend
+
+        return QsdBackend
     raise UsageError(f"unknown backend {name!r}; choose auto, {', '.join(BACKEND_NAMES)}")
 
 
@@ -148,7 +170,7 @@ def all_backends(paths: HostPaths, cfg: ClusterConfig) -> list[Backend]:
 
 
 def select_backend(name: str, paths: HostPaths, cfg: ClusterConfig) -> Backend:
-    """`auto`: krbd if the kernel can, else nbd, else fuse; a named one must work."""
+    """`auto`: krbd if the kernel can, else nbd, else qsd, else fuse; a named one must work."""
     env = os.environ.get("CEPHVOL_BACKEND")
     if name == "auto" and env:
         name = env
@@ -188,6 +210,6 @@ _DEV_NAME = re.compile(r"^/dev/[A-Za-z0-9]+$")
 
 
 def check_device_path(device: str) -> str:
-    if not _DEV_NAME.match(device):
+    if not _DEV_NAME.fullmatch(device):
         raise UsageError(f"not a device path: {device!r}")
     return device

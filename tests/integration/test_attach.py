@@ -30,7 +30,7 @@ def _attach(cluster: CephCluster, image: str, mnt: Path, *extra: str) -> dict:
 def test_round_trip_with_checksum(cluster: CephCluster, image: str, mnt: Path) -> None:
     cluster.cli("create", image, "--size", "256M", check=True)
     res = _attach(cluster, image, mnt)
-    assert res["backend"] == "fuse" and res["device"].startswith("/dev/loop")
+    assert res["backend"] in ("qsd", "fuse") and res["device"].startswith("/dev/loop")
     assert res["created_filesystem"] is True and res["fstype"] == "ext4"
     assert os.path.ismount(mnt)
     data = os.urandom(8 << 20)
@@ -195,7 +195,7 @@ def test_crash_during_detach_is_finished_by_detach(
 
 def test_killed_rbd_fuse_is_cleaned_up(cluster: CephCluster, image: str) -> None:
     cluster.cli("create", image, "--size", "64M", check=True)
-    cluster.cli("attach", image, "--no-mkfs", check=True)
+    cluster.cli("attach", image, "--no-mkfs", "--backend", "fuse", check=True)
     st = json.loads(cluster.cli("status", "--json", check=True).stdout)
     row = next(r for r in st if r["image"] == image)
     fuse_dir = cluster.state_dir / "fuse" / f"rbd,-,{image.split('/')[1]}"
@@ -205,8 +205,11 @@ def test_killed_rbd_fuse_is_cleaned_up(cluster: CephCluster, image: str) -> None
     for p in pids:
         os.kill(int(p), signal.SIGKILL)
     time.sleep(0.5)
+    # what was queued behind the dead rbd-fuse never reached the cluster: said so
     det = cluster.cli("detach", image)
-    assert det.returncode == 0, det.stderr
+    assert det.returncode == 12 and "not written" in det.stderr, det.stderr
+    forced = cluster.cli("detach", image, "--force")
+    assert forced.returncode == 12 and "lost" in forced.stderr, forced.stderr
     assert not fuse_dir.exists()
     assert row["device"]
 
@@ -237,7 +240,7 @@ def test_read_only_attach_on_fuse(cluster: CephCluster, image: str, mnt: Path) -
     _attach(cluster, image, mnt)
     (mnt / "f").write_text("written rw")
     cluster.cli("detach", image, check=True)
-    res = _attach(cluster, image, mnt, "--read-only")
+    res = _attach(cluster, image, mnt, "--read-only", "--backend", "fuse")
     assert res["read_only"] and res["backend"] == "fuse"
     blk = os.path.basename(res["device"])
     assert Path(f"/sys/block/{blk}/ro").read_text().strip() == "1"
@@ -251,7 +254,7 @@ def test_forced_unmap_of_an_open_device_on_fuse(cluster: CephCluster, image: str
     """The loop device cannot be torn from its opener: force detaches rbd-fuse
     lazily, and everything goes once the opener closes the device."""
     cluster.cli("create", image, "--size", "64M", check=True)
-    dev = cluster.cli("map", image, check=True).stdout.strip()
+    dev = cluster.cli("map", image, "--backend", "fuse", check=True).stdout.strip()
     holder = subprocess.Popen(["sh", "-c", f"exec 3<{dev}; exec sleep 300"])
     try:
         time.sleep(0.3)
@@ -316,7 +319,7 @@ def test_cleanup_releases_what_crashed_or_died(cluster: CephCluster, mnt: Path) 
         assert cluster.cli("attach", crashed, "--mountpoint", str(mnt / "c"),
                            CEPHVOL_TEST_CRASH_AT="map").returncode == -signal.SIGKILL
         # 2. attached, then its rbd-fuse killed
-        _attach(cluster, killed, mnt / "k")
+        _attach(cluster, killed, mnt / "k", "--backend", "fuse")
         key = f"rbd,-,{killed.split('/')[1]}"
         for p in subprocess.run(["pgrep", "-f", f"rbd-fuse .*{key}"], capture_output=True,
                                 text=True, check=False).stdout.split():
@@ -326,10 +329,14 @@ def test_cleanup_releases_what_crashed_or_died(cluster: CephCluster, mnt: Path) 
         (mnt / "h" / "f").write_text("stay")
         time.sleep(0.5)
         cp = cluster.cli("cleanup", "--json")
-        assert cp.returncode == 0, cp.stderr
+        assert cp.returncode == 12, cp.stderr  # the dead rbd-fuse lost what it held
         rows = {r["image"]: r for r in json.loads(cp.stdout)}
-        assert set(rows) == {crashed, killed} and all(r["ok"] for r in rows.values())
+        assert set(rows) == {crashed, killed} and rows[crashed]["ok"]
+        assert not rows[killed]["ok"] and rows[killed]["exit_code"] == 12
         assert "gone" in rows[crashed]["reason"] and "rbd-fuse" in rows[killed]["reason"]
+        forced = cluster.cli("cleanup", "--force", "--json")
+        assert forced.returncode == 12, forced.stderr
+        assert [r["image"] for r in json.loads(forced.stdout)] == [killed]
         st = {r["image"] for r in json.loads(cluster.cli("status", "--json", check=True).stdout)}
         assert st == {healthy} and (mnt / "h" / "f").read_text() == "stay"
         assert not os.path.ismount(mnt / "c") and not os.path.ismount(mnt / "k")
@@ -387,9 +394,10 @@ def test_detach_with_the_cluster_down_is_bounded_and_loses_nothing(
 
 
 @pytest.mark.parametrize(("args", "env", "code"), [
-    (["--mountpoint", "/etc/hostname"], {}, 5),           # a file, not a directory
-    (["--mountpoint", "/etc/hostname/sub"], {}, 5),       # below a file
-    (["--mountpoint", "/proc"], {}, 4),                   # something else is mounted there
+    (["--mountpoint", "FILE"], {}, 5),                    # a file, not a directory
+    (["--mountpoint", "FILE/sub"], {}, 5),                # below a file
+    (["--mountpoint", "MOUNTED"], {}, 4),                 # something else is mounted there
+    (["--mountpoint", "/etc/hostname"], {}, 2),           # a system directory (test_boundary)
     (["--mountpoint", "MNT"], {"CEPHVOL_HOST_ID": "a b"}, 2),  # no usable host identity
 ])
 def test_attach_refusals_change_nothing(cluster: CephCluster, image: str, mnt: Path,
@@ -397,7 +405,18 @@ def test_attach_refusals_change_nothing(cluster: CephCluster, image: str, mnt: P
                                         code: int) -> None:
     cluster.cli("create", image, "--size", "64M", check=True)
     loops = subprocess.run(["losetup", "-l", "-n"], capture_output=True, text=True).stdout
-    cp = cluster.cli("attach", image, *[str(mnt) if a == "MNT" else a for a in args], **env)
+    afile, mounted = mnt.with_name(mnt.name + ".file"), mnt.with_name(mnt.name + ".mounted")
+    afile.parent.mkdir(parents=True, exist_ok=True)
+    afile.write_text("x")
+    mounted.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "cvtest", str(mounted)], check=True)
+    try:
+        cp = cluster.cli("attach", image, *[a.replace("MNT", str(mnt)).replace(
+            "FILE", str(afile)).replace("MOUNTED", str(mounted)) for a in args], **env)
+    finally:
+        subprocess.run(["umount", str(mounted)], check=True)
+        mounted.rmdir()
+        afile.unlink()
     assert cp.returncode == code, cp.stderr
     assert len(cp.stderr.strip().splitlines()) == 1 and "Traceback" not in cp.stderr
     assert json.loads(cluster.cli("status", "--json", check=True).stdout) == []

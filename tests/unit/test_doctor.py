@@ -22,7 +22,7 @@ def test_wide_keyring_is_warned_about_and_backends_explained(tmp_path: Path) -> 
     assert checks[f"keyring {kr}"]["warning"] and "0644" in checks[f"keyring {kr}"]["detail"]
     assert "keyring /nope" not in checks  # the [mgr] section's keyring is not ours
     assert "AQBM5yZ" not in str(res)
-    assert set(res["backends"]) == {"krbd", "nbd", "fuse"}
+    assert set(res["backends"]) == {"krbd", "nbd", "qsd", "fuse"}
     for name, b in res["backends"].items():
         assert b["reason"], name  # always says why
     if not Path("/sys/bus/rbd").exists():  # this machine: no krbd
