@@ -116,8 +116,11 @@ def _translate(exc: BaseException, what: str) -> CephvolError:
 class Cluster:
     """A connected librados handle; use as a context manager."""
 
-    def __init__(self, cfg: ClusterConfig) -> None:
+    def __init__(self, cfg: ClusterConfig, *, op_timeout: float | None = None) -> None:
         self.cfg = cfg
+        # a quick question asked while the cluster may be half gone (detach's
+        # "was this host fenced?") must not wait the usual 30 s on an OSD
+        self._op_timeout = op_timeout
         self._rados: Any = None
         # read-only image handles kept for the connection's life: ownership
         # asks one image for its id and watchers several times per attach, and
@@ -144,7 +147,7 @@ class Cluster:
                 conf={
                     "client_mount_timeout": f"{t:g}",
                     "rados_mon_op_timeout": f"{t:g}",
-                    "rados_osd_op_timeout": f"{max(t, 30.0):g}",
+                    "rados_osd_op_timeout": f"{self._op_timeout or max(t, 30.0):g}",
                 },
             )
         except rados.Error as exc:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -244,8 +244,9 @@ def detach_locked(host: Host, spec: ImageSpec, *, force: bool, lazy: bool,
 def _taken_over_by(host: Host, spec: ImageSpec) -> str | None:
     """Who took `spec` over from this host, if anyone did (best effort: None
     when the cluster cannot tell us)."""
+    cfg = replace(host.cfg, connect_timeout=min(host.cfg.connect_timeout, 5.0))
     try:
-        with Cluster(host.cfg) as cluster:
+        with Cluster(cfg, op_timeout=5.0) as cluster:
             rec = ownership.current(cluster, spec)
     except CephvolError:
         return None

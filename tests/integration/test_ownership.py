@@ -50,9 +50,10 @@ class Host:
         return self.base / "mnt" / image
 
     def env(self) -> dict[str, str]:
+        # rbd-fuse: these tests kill a host's mapping daemon by its name
         return dict(os.environ, CEPH_CONF=str(self.conf), CEPHVOL_STATE_DIR=str(self.state),
                     CEPHVOL_HOST_ID=f"host-{self.name}", CEPHVOL_HOST_NAME=self.name,
-                    CEPHVOL_CONNECT_TIMEOUT="15")
+                    CEPHVOL_CONNECT_TIMEOUT="15", CEPHVOL_BACKEND="fuse")
 
     def argv(self, *args: str) -> list[str]:
         return ["nsenter", f"--net=/run/netns/{self.netns}", "--", CEPHVOL, *args]
@@ -226,8 +227,10 @@ def test_crashed_owner_is_fenced_and_taken_over(hosts: TwoHosts, volume: str) ->
     # A, back: its mapping is dead and fenced, its writes fail
     with pytest.raises(OSError):
         _write(a.mnt(volume) / "late")
-    # A cleans up its side; that does not touch B's ownership
-    a.ok("detach", spec, "--force", timeout=300)
+    # A cleans up its side (saying its late writes were lost: exit 12); that
+    # does not touch B's ownership
+    gone = a.cv("detach", spec, "--force", timeout=300)
+    assert gone.returncode == 12 and "lost" in gone.stderr, gone.stderr
     assert _owner(a, spec)["host_id"] == "host-b"
     assert _sha(b.mnt(volume) / "db") == digest and not (b.mnt(volume) / "late").exists()
     b.ok("detach", spec)
@@ -247,7 +250,8 @@ def test_live_owner_is_not_taken_over_without_force(hosts: TwoHosts, volume: str
     assert refused.returncode == 6 and "looks alive" in refused.stderr, refused.stderr
     assert time.monotonic() - t0 < 30
     assert _owner(b, spec)["host_id"] == "host-a" and b.fuse_pids() == []
-    assert b.cv("attach", spec, "--force").returncode == 2  # --force alone means nothing
+    # --force alone overrides only foreign watchers, never another host's ownership
+    assert b.cv("attach", spec, "--force").returncode == 6
 
     b.ok("attach", spec, "-m", str(b.mnt(volume)), "--takeover", "--force")
     assert _owner(b, spec)["taken_over_from"]["forced"] is True
@@ -270,7 +274,8 @@ def test_live_owner_is_not_taken_over_without_force(hosts: TwoHosts, volume: str
         os.kill(pid, signal.SIGKILL)
     rc = writer.wait(timeout=120) if rc is None else rc
     assert rc != 0, "a fenced host's write succeeded"
-    a.ok("detach", spec, "--force", timeout=300)
+    gone = a.cv("detach", spec, "--force", timeout=300)
+    assert gone.returncode == 12 and "not written" in gone.stderr, gone.stderr
 
     b.ok("detach", spec)
     b.ok("attach", spec, "-m", str(b.mnt(volume)))

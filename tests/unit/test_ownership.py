@@ -50,5 +50,5 @@ def test_record_round_trips_and_starts_with_its_cookie() -> None:
 
 @pytest.mark.parametrize("data", [b"", b"no newline", b"c\n{not json", b'c\n{"cookie": "c"}'])
 def test_unreadable_record_is_a_clear_conflict(data: bytes) -> None:
-    with pytest.raises(Conflict, match="is corrupt .*--repair"):
+    with pytest.raises(Conflict, match=r"is corrupt .*--repair"):
         OwnerRecord.decode(data, "rbd/cephvol_owner.x")
