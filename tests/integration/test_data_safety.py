@@ -543,3 +543,38 @@ def test_json_errors_and_exit_codes_agree(cluster: CephCluster, args: list[str])
     body = json.loads(cp.stdout)
     assert body["exit_code"] == cp.returncode and "\n" not in body["error"]
     assert len(cp.stderr.strip().splitlines()) == 1, cp.stderr
+
+
+@pytest.mark.parametrize("backend", ["fuse", "qsd"])
+def test_read_only_attach_with_a_stopped_osd_is_bounded(
+        cluster: CephCluster, image: str, mnt: Path, backend: str) -> None:
+    """Issue 20.7: an OSD that does not answer (SIGSTOP) must not leave a
+    read-only attach asleep unkillably on the FUSE file: every step that
+    touches it runs in a child under the step bound, and the attach comes
+    back with exit 8, leaving nothing mapped."""
+    from cephvol.devcluster import DevCluster
+
+    cluster.cli("create", image, "--size", "64M", check=True)
+    _attach(cluster, image, mnt)  # a filesystem to mount read-only later
+    cluster.cli("detach", image, check=True)
+    osd = DevCluster(cluster.conf.parent).pid_of("osd.0")
+    assert osd
+    os.kill(osd, signal.SIGSTOP)
+    try:
+        t0 = time.monotonic()
+        cp = cluster.cli("attach", image, "--mountpoint", str(mnt), "--read-only",
+                         "--backend", backend, timeout=170, CEPHVOL_STEP_TIMEOUT="5",
+                         CEPHVOL_CONNECT_TIMEOUT="4")
+        took = time.monotonic() - t0
+    finally:
+        os.kill(osd, signal.SIGCONT)
+    assert cp.returncode in (7, 8), cp.stderr
+    assert len(cp.stderr.strip().splitlines()) == 1 and "Traceback" not in cp.stderr
+    assert took < 90, took
+    assert not os.path.ismount(mnt)
+    assert all(r["image"] != image for r in _json(cluster.cli("status", "--json")))
+    # with the OSD back, the same attach works
+    ok = cluster.cli("attach", image, "--mountpoint", str(mnt), "--read-only",
+                     "--backend", backend, timeout=170)
+    assert ok.returncode == 0, ok.stderr
+    cluster.cli("detach", image, check=True)
