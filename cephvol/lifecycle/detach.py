@@ -201,6 +201,7 @@ def detach_locked(host: Host, spec: ImageSpec, *, force: bool, lazy: bool,
             outcome.not_written = (f"this host was fenced when {taker} took the volume "
                                    "over: writes since then were not written to the cluster")
             backend.abort(mapping)
+    phase_before = st.phase if st is not None else None
     if st is not None and st.phase != "detaching":
         st.phase = "detaching"
         store.save(spec.key, st)
@@ -208,6 +209,14 @@ def detach_locked(host: Host, spec: ImageSpec, *, force: bool, lazy: bool,
     for step in plan:
         try:
             _run_step(host, spec, step, backend, mapping, force, outcome)
+        except (Busy, DataLost):
+            # refused before anything changed (a holder, a failed flush): the
+            # volume stays as it was, attached; a "detaching" phase would make
+            # `cleanup --stale` finish a detach the operator was refused
+            if st is not None and phase_before and all(d.startswith("sync") for d in done):
+                st.phase = phase_before
+                store.save(spec.key, st)
+            raise
         except StepTimeout as exc:
             taker = (_taken_over_by(host, spec)
                      if st is not None and st.extra.get("owner") else None)

@@ -578,3 +578,22 @@ def test_read_only_attach_with_a_stopped_osd_is_bounded(
                      "--backend", backend, timeout=170)
     assert ok.returncode == 0, ok.stderr
     cluster.cli("detach", image, check=True)
+
+
+def test_a_refused_detach_changes_nothing(cluster: CephCluster, image: str, mnt: Path) -> None:
+    """A detach refused because a process uses the volume leaves it attached
+    (not "detaching"), so `cleanup --stale` (boot/shutdown) leaves it alone."""
+    cluster.cli("create", image, "--size", "64M", check=True)
+    _attach(cluster, image, mnt)
+    holder = subprocess.Popen(["sleep", "60"], cwd=mnt)
+    try:
+        assert cluster.cli("detach", image).returncode == 4
+    finally:
+        holder.kill()
+        holder.wait()
+    row = next(r for r in _json(cluster.cli("status", "--json")) if r["image"] == image)
+    assert row["phase"] == "attached", row
+    stale = cluster.cli("cleanup", "--stale", "--json")
+    assert stale.returncode == 0 and json.loads(stale.stdout) == [], stale.stdout
+    assert os.path.ismount(mnt)
+    cluster.cli("detach", image, check=True)
