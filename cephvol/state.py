@@ -104,6 +104,28 @@ def file_stem(key: str) -> str:
     return f"{key[:_MAX_STEM - 26]}~{digest}"
 
 
+def write_json(path: Path, data: dict[str, Any], label: str = "") -> None:
+    """Whole or not at all: a temp file beside `path` (O_NOFOLLOW, 0600, unique
+    per process and call), then rename. A failure leaves no temp file and is
+    a SystemCommandError naming the path. The journal and the plugin's
+    records are written this way."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{id(data)}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+        try:
+            raw = json.dumps(data, indent=1, sort_keys=True).encode()
+            if os.write(fd, raw) != len(raw):
+                raise OSError(errno.ENOSPC, "short write")
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise SystemCommandError(f"cannot write {label}{path}: {exc.strerror or exc}") from exc
+
+
 class StateStore:
     """Journal files (`volumes/KEY.json`) and per-volume locks (`locks/KEY.lock`)."""
 
@@ -179,23 +201,7 @@ class StateStore:
         st.pid = os.getpid()
         st.updated = time.time()
         st.version = STATE_VERSION
-        path = self._path(key)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        try:
-            self.volumes_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
-            try:
-                data = json.dumps(st.to_dict(), indent=1, sort_keys=True).encode()
-                if os.write(fd, data) != len(data):
-                    raise OSError(errno.ENOSPC, "short write")
-            finally:
-                os.close(fd)
-            os.replace(tmp, path)
-        except OSError as exc:
-            with contextlib.suppress(OSError):
-                tmp.unlink()
-            raise SystemCommandError(f"cannot write state file {path}: "
-                                     f"{exc.strerror or exc}") from exc
+        write_json(self._path(key), st.to_dict(), "state file ")
 
     def remove(self, key: str) -> None:
         with contextlib.suppress(FileNotFoundError):

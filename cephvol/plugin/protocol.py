@@ -25,7 +25,6 @@ Errors say which cephvol exit code they are: "cephvol exit 6: ...".
 from __future__ import annotations
 
 import contextlib
-import errno
 import json
 import logging
 import os
@@ -50,7 +49,7 @@ from cephvol.errors import (
 )
 from cephvol.mapper import BACKEND_NAMES, MapOptions
 from cephvol.spec import DEFAULT_POOL, ImageSpec, format_size, parse_size, parse_spec
-from cephvol.state import StateStore
+from cephvol.state import StateStore, write_json
 
 log = logging.getLogger("cephvol")
 
@@ -447,7 +446,7 @@ class Plugin:
         return str(self.paths.mount_root / name) if self._ids(name) else ""
 
     def _save(self, path: Path, data: dict[str, Any]) -> None:
-        _write_json(path, data)
+        write_json(path, data)  # whole or not at all, as the journal
 
     def _refuse_if_used(self, spec: ImageSpec) -> None:
         """What Remove checks before it forgets a volume whose image stays:
@@ -487,20 +486,4 @@ def _read_json(path: Path) -> dict[str, Any] | None:
     return data
 
 
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    """Whole or not at all (temp file, rename), as cephvol's journal is."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{id(data)}.tmp")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
-        try:
-            raw = json.dumps(data, indent=1, sort_keys=True).encode()
-            if os.write(fd, raw) != len(raw):
-                raise OSError(errno.ENOSPC, "short write")
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except OSError as exc:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise SystemCommandError(f"cannot write {path}: {exc.strerror or exc}") from exc
+
