@@ -12,8 +12,10 @@ import contextlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -151,3 +153,127 @@ def mnt(cluster: CephCluster) -> Iterator[Path]:
     yield p
     if p.exists() and not os.path.ismount(p):
         shutil.rmtree(p, ignore_errors=True)
+
+
+# -- bounds for the whole run -------------------------------------------------
+#
+# A CI run is cut at 90 minutes and a cut run prints no summary. Two bounds keep
+# a run that goes wrong readable: each test body has a time limit (a hung test
+# fails, it does not eat the run), and once CEPHVOL_TEST_BUDGET seconds have
+# gone, the remaining tests fail at once, naming why, so the summary still
+# prints. One test that breaks the shared cluster is named, and the cluster
+# restored, so it does not take every later test with it.
+
+_T0 = time.monotonic()
+# seconds a test body may run; a test that needs longer says so with
+# @pytest.mark.limit(seconds)
+_LIMITS = {"vm": 1500.0, "integration": 600.0}
+_UNIT_LIMIT = 300.0
+
+
+class LimitExceeded(Exception):
+    """A test body outlived its limit (raised from SIGALRM in the main thread)."""
+
+
+def _limit(item: pytest.Item) -> float:
+    mark = item.get_closest_marker("limit")
+    if mark:
+        return float(mark.args[0])
+    for name, seconds in _LIMITS.items():
+        if item.get_closest_marker(name):
+            return seconds
+    return _UNIT_LIMIT
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    budget = os.environ.get("CEPHVOL_TEST_BUDGET")
+    if budget and time.monotonic() - _T0 > float(budget):
+        pytest.fail(f"not run: the run's time budget (CEPHVOL_TEST_BUDGET={budget} s) is "
+                    "spent; see --durations below for where it went", pytrace=False)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_call(item: pytest.Item) -> Iterator[None]:
+    seconds = _limit(item)
+
+    def expired(signum: int, frame: object) -> None:
+        raise LimitExceeded(f"{item.nodeid} ran longer than its {seconds:.0f} s limit")
+
+    old = signal.signal(signal.SIGALRM, expired)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    outcome = yield
+    rep = outcome.get_result()
+    if rep.when == "call":
+        item.stash[_FAILED] = rep.failed
+
+
+_FAILED = pytest.StashKey[bool]()
+
+
+def _cluster_probe(conf: Path) -> str | None:
+    """None when the cluster takes a small write within 30 s, else why not.
+    In a child process: a wedged cluster must not hang the test session."""
+    from cephvol.devcluster import DevCluster
+
+    dead = [n for n, pid in DevCluster(conf.parent).daemon_state().items() if pid is None]
+    if dead:
+        return f"{', '.join(dead)} not running"
+    try:
+        cp = subprocess.run(["rados", "-c", str(conf), "-p", "rbd", "put",
+                             "cephvol-suite-probe", "/dev/null"],
+                            capture_output=True, text=True, timeout=30, check=False)
+    except subprocess.TimeoutExpired:
+        return "a 0-byte write to pool rbd did not finish in 30 s"
+    if cp.returncode:
+        return f"a 0-byte write to pool rbd failed: {cp.stderr.strip()[-200:]}"
+    return None
+
+
+@pytest.fixture(autouse=True)
+def _session_cluster_survives(request: pytest.FixtureRequest) -> Iterator[None]:
+    """After a test that used the session cluster: its daemons still run (always
+    checked: cheap), and, after a failed test, it still takes writes. If not,
+    the test errors naming that, and the cluster is restarted for the rest."""
+    if "cluster" not in request.fixturenames:
+        yield
+        return
+    c: CephCluster = request.getfixturevalue("cluster")
+    yield
+    from cephvol.devcluster import DevCluster
+
+    dc = DevCluster(c.conf.parent)
+    if request.node.stash.get(_FAILED, False):
+        why = _cluster_probe(c.conf)
+    else:
+        dead = [n for n, pid in dc.daemon_state().items() if pid is None]
+        why = f"{', '.join(dead)} not running" if dead else None
+    if why is None:
+        return
+    hint = _log_hint(c.conf.parent / "log")
+    if not any(pid is None for pid in dc.daemon_state().values()):
+        dc.down(timeout=20)  # alive but wedged: restart all of it
+    dc.up()
+    pytest.fail(f"the session cluster was broken after this test ({why}); restarted it. "
+                f"Last daemon complaint: {hint}", pytrace=False)
+
+
+def _log_hint(logs: Path) -> str:
+    """The last line of the daemons' logs that looks like why one stopped."""
+    marks = ("abort", "assert", "Caught signal", "suicide", "ERROR", "error")
+    found = "none logged"
+    for name in ("mon.a.log", "osd.0.log", "mgr.x.log"):
+        with contextlib.suppress(OSError):
+            for line in (logs / name).read_text(errors="replace").splitlines()[-2000:]:
+                if any(m in line for m in marks):
+                    found = f"{name}: {line.strip()[:300]}"
+    return found

@@ -11,6 +11,7 @@ import os
 import random
 import signal
 import subprocess
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -559,7 +560,11 @@ def test_read_only_attach_with_a_stopped_osd_is_bounded(
     cluster.cli("detach", image, check=True)
     osd = DevCluster(cluster.conf.parent).pid_of("osd.0")
     assert osd
+    # the OSD is let go after 100 s whatever happens (the attach must have
+    # ended by 90 s): a stopped OSD must never outlive this test
+    wake = threading.Timer(100, os.kill, (osd, signal.SIGCONT))
     os.kill(osd, signal.SIGSTOP)
+    wake.start()
     try:
         t0 = time.monotonic()
         cp = cluster.cli("attach", image, "--mountpoint", str(mnt), "--read-only",
@@ -567,6 +572,7 @@ def test_read_only_attach_with_a_stopped_osd_is_bounded(
                          CEPHVOL_CONNECT_TIMEOUT="4")
         took = time.monotonic() - t0
     finally:
+        wake.cancel()
         os.kill(osd, signal.SIGCONT)
     assert cp.returncode in (7, 8), cp.stderr
     assert len(cp.stderr.strip().splitlines()) == 1 and "Traceback" not in cp.stderr
