@@ -20,6 +20,7 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -277,3 +278,46 @@ def _log_hint(logs: Path) -> str:
                 if any(m in line for m in marks):
                     found = f"{name}: {line.strip()[:300]}"
     return found
+
+
+# -- the vm tests' hosts, built while the rest runs ---------------------------
+
+_PREBUILD: list[subprocess.Popen[bytes]] = []
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """On a machine without the cached guest image or deb root (every fresh CI
+    machine) start building them now, in the background at low priority, so
+    the vm tests at the end find them ready (tests/vm/prebuild.py)."""
+    if os.environ.get("CEPHVOL_NO_PREBUILD") or not any(
+            i.get_closest_marker("vm") for i in session.items):
+        return
+    from tests.vm import harness, prebuild
+
+    if harness.unavailable() or not prebuild.missing():
+        return
+    log = open(harness.cache_root().parent / "cephvol-prebuild.log", "wb")
+    _PREBUILD.append(subprocess.Popen(
+        ["nice", "-n", "19", "ionice", "-c", "3", sys.executable, "-m", "tests.vm.prebuild"],
+        cwd=REPO, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+        start_new_session=True))
+    log.close()
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    for p in _PREBUILD:  # bounded by its builds' own timeouts; never left running
+        try:
+            p.wait(timeout=2400)
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    if _PREBUILD:
+        from tests.vm import harness
+
+        log = harness.cache_root().parent / "cephvol-prebuild.log"
+        with contextlib.suppress(OSError):
+            for line in log.read_text(errors="replace").splitlines()[-4:]:
+                terminalreporter.write_line(line)
