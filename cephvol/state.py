@@ -104,6 +104,32 @@ def file_stem(key: str) -> str:
     return f"{key[:_MAX_STEM - 26]}~{digest}"
 
 
+class NotRegularFile(OSError):
+    """A FIFO, device, directory or symlink where a record file should be."""
+
+
+def read_regular(path: Path, limit: int = 1 << 20) -> bytes | None:
+    """The first `limit` bytes of the regular file `path`, or None if it is
+    missing. Opened O_NONBLOCK and checked with fstat before reading, never
+    following a symlink: a FIFO planted in its place would otherwise block
+    the reader (open waits for a writer), a device could be read forever."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.EISDIR, errno.ENXIO):
+            raise NotRegularFile(exc.errno, "not a regular file", str(path)) from exc
+        raise
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise NotRegularFile(errno.EINVAL, "not a regular file", str(path))
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            return f.read(limit)
+    finally:
+        os.close(fd)
+
+
 def write_json(path: Path, data: dict[str, Any], label: str = "") -> None:
     """Whole or not at all: a temp file beside `path` (O_NOFOLLOW, 0600, unique
     per process and call), then rename. A failure leaves no temp file and is
@@ -148,30 +174,17 @@ class StateStore:
         volume itself is still detached from what the host shows."""
         path = self._path(key)
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-        except FileNotFoundError:
+            raw = read_regular(path)
+        except NotRegularFile:
+            self._quarantine(path, "not a regular file")
             return None
         except OSError as exc:
-            if exc.errno in (errno.ELOOP, errno.EISDIR, errno.ENXIO):
-                self._quarantine(path, "not a regular file")
-                return None
             raise SystemCommandError(f"cannot read state file {path}: {exc.strerror}") from exc
-        try:
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
-                self._quarantine(path, "not a regular file")
-                return None
-            with os.fdopen(fd, "rb", closefd=False) as f:
-                raw = f.read(1 << 20)
-        except OSError as exc:
-            if exc.errno == errno.EISDIR:
-                self._quarantine(path, "not a regular file")
-                return None
-            raise SystemCommandError(f"cannot read state file {path}: {exc.strerror}") from exc
-        finally:
-            os.close(fd)
+        if raw is None:
+            return None
         try:
             return VolumeState.from_dict(json.loads(raw))
-        except (ValueError, TypeError, CephvolError) as exc:
+        except (ValueError, TypeError, RecursionError, CephvolError) as exc:
             # rename() is atomic, so this is damage, not a half write
             why = getattr(exc, "message", None) or str(exc)
             self._quarantine(path, why)

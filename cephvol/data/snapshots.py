@@ -40,13 +40,12 @@ from cephvol.errors import (
     NotFound,
     Owned,
     StepTimeout,
-    SystemCommandError,
     UsageError,
 )
 from cephvol.mapper import find_mapping
 from cephvol.proc import step_timeout
 from cephvol.spec import ImageSpec
-from cephvol.state import VolumeState, file_stem
+from cephvol.state import VolumeState, file_stem, read_regular, write_json
 
 CRASH_ENV = "CEPHVOL_TEST_CRASH_AT"  # test hook, as lifecycle's: SIGKILL at a named step
 DEFAULT_FREEZE_BOUND = 30.0  # seconds a filesystem may stay frozen, at most
@@ -112,16 +111,7 @@ def _record_path(state_dir: Path, spec: ImageSpec) -> Path:
 
 
 def _save(path: Path, rec: FreezeRecord) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        tmp.write_text(json.dumps(asdict(rec), sort_keys=True))
-        os.replace(tmp, path)
-    except OSError as exc:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise SystemCommandError(f"cannot write the freeze journal {path}: "
-                                 f"{exc.strerror or exc}") from exc
+    write_json(path, asdict(rec), "the freeze journal ")
 
 
 def start_time(pid: int, proc_root: Path = Path("/proc")) -> int:
@@ -164,8 +154,8 @@ def thaw_leftovers(state_dir: Path, spec: ImageSpec | None = None,
         return rows
     for path in paths:
         try:
-            rec = FreezeRecord.from_dict(json.loads(path.read_text()))
-        except (OSError, ValueError, TypeError):
+            rec = FreezeRecord.from_dict(json.loads(read_regular(path) or b"null"))
+        except (OSError, ValueError, TypeError, RecursionError):
             with contextlib.suppress(OSError):
                 path.unlink()  # damaged: nothing to act on, and it would block nothing
             continue

@@ -27,7 +27,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import re
 import time
 from collections.abc import Callable, Iterator
@@ -49,7 +48,7 @@ from cephvol.errors import (
 )
 from cephvol.mapper import BACKEND_NAMES, MapOptions
 from cephvol.spec import DEFAULT_POOL, ImageSpec, format_size, parse_size, parse_spec
-from cephvol.state import StateStore, write_json
+from cephvol.state import NotRegularFile, StateStore, read_regular, write_json
 
 log = logging.getLogger("cephvol")
 
@@ -471,16 +470,17 @@ def _opts_text(opts: dict[str, str]) -> str:
 
 def _read_json(path: Path) -> dict[str, Any] | None:
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
-    except FileNotFoundError:
-        return None
+        raw = read_regular(path)
+    except NotRegularFile as exc:
+        raise Conflict(f"the plugin's record {path} is not a regular file; remove it") from exc
     except OSError as exc:
         raise SystemCommandError(f"cannot read {path}: {exc.strerror}") from exc
+    if raw is None:
+        return None
     try:
-        with os.fdopen(fd, "rb") as f:
-            data = json.loads(f.read(1 << 20))
-    except (OSError, ValueError) as exc:
-        raise Conflict(f"the plugin's record {path} is damaged ({exc}); remove it") from exc
+        data = json.loads(raw)
+    except (ValueError, RecursionError) as exc:
+        raise Conflict(f"the plugin's record {path} is damaged; remove it") from exc
     if not isinstance(data, dict):
         raise Conflict(f"the plugin's record {path} is damaged; remove it")
     return data

@@ -36,6 +36,11 @@ log = logging.getLogger("cephvol")
 SD_LISTEN_FDS_START = 3
 MAX_BODY = 1 << 20
 STOP_WAIT = 600.0  # seconds a stop waits for running requests (as TimeoutStopSec)
+# connections served at once; one more is answered 503 and closed at once, so
+# a client that opens many and sends nothing cannot grow threads without end
+MAX_CONNECTIONS = 64
+_BUSY_BODY = json.dumps({"Err": "cephvol exit 4: the plugin is serving "
+                                f"{MAX_CONNECTIONS} connections; try again"}).encode()
 
 
 def activated_socket(env: Mapping[str, str] | None = None,
@@ -106,16 +111,38 @@ class _Server(socketserver.ThreadingMixIn, HTTPServer):
         self.plugin = plugin
         self.busy = threading.Condition()
         self.in_flight = 0
+        self.slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
         super().__init__("", _Handler, bind_and_activate=False)
         self.socket.close()
         self.socket = sock
         self.server_name, self.server_port = "cephvol", 0
 
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self.slots.acquire(blocking=False):
+            with contextlib.suppress(OSError):
+                request.sendall(b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: "
+                                + CONTENT_TYPE.encode() + b"\r\nContent-Length: "
+                                + str(len(_BUSY_BODY)).encode()
+                                + b"\r\nConnection: close\r\n\r\n" + _BUSY_BODY)
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self.slots.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.slots.release()
+
 
 class _Handler(BaseHTTPRequestHandler):
     server: _Server
     protocol_version = "HTTP/1.1"
-    timeout = 300  # an idle keep-alive connection ends; its thread with it
+    timeout = 60  # an idle keep-alive connection ends (and frees its slot)
 
     def do_POST(self) -> None:
         endpoint = self.path.lstrip("/").split("?", 1)[0]
@@ -129,7 +156,7 @@ class _Handler(BaseHTTPRequestHandler):
         raw = self.rfile.read(length) if length else b""
         try:
             request: Any = json.loads(raw) if raw.strip() else None
-        except ValueError:
+        except (ValueError, RecursionError):  # nested deeper than Python recurses
             self._send(500, {"Err": "cephvol exit 2: the request body is not JSON"})
             return
         with self.server.busy:

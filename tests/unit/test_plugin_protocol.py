@@ -10,7 +10,9 @@ and a socket: tests/integration/test_plugin.py."""
 from __future__ import annotations
 
 import json
+import os
 import re
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -228,7 +230,35 @@ def test_a_record_behind_a_symlink_is_not_followed(plugin: Plugin, tmp_path: Pat
     d.mkdir(parents=True)
     (tmp_path / "elsewhere.json").write_text("{}")
     (d / "v1.json").symlink_to(tmp_path / "elsewhere.json")
-    _err(plugin.handle("VolumeDriver.Get", {"Name": "v1"}), 11, "cannot read")
+    _err(plugin.handle("VolumeDriver.Get", {"Name": "v1"}), 5, "not a regular file")
+
+
+def _answer_within(plugin: Plugin, endpoint: str, req: dict[str, Any],
+                   seconds: float = 10) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    t = threading.Thread(target=lambda: out.update(plugin.handle(endpoint, req)), daemon=True)
+    t.start()
+    t.join(seconds)
+    assert not t.is_alive(), f"{endpoint} still blocked after {seconds} s"
+    return out
+
+
+def test_a_fifo_in_place_of_a_record_never_blocks_a_request(plugin: Plugin) -> None:
+    """open(2) of a FIFO for reading waits for a writer: a request thread
+    would hang for good, and with it the plugin's stop."""
+    d = plugin.paths.data_dir / "volumes"
+    d.mkdir(parents=True)
+    os.mkfifo(d / "v1.json")
+    _err(_answer_within(plugin, "VolumeDriver.Get", {"Name": "v1"}), 5, "not a regular file")
+    _err(_answer_within(plugin, "VolumeDriver.Mount", {"Name": "v1", "ID": "c1"}), 5,
+         "not a regular file")
+
+
+def test_a_record_nested_deeper_than_python_recurses_is_damaged(plugin: Plugin) -> None:
+    d = plugin.paths.data_dir / "volumes"
+    d.mkdir(parents=True)
+    (d / "v1.json").write_text("[" * 200_000)
+    _err(plugin.handle("VolumeDriver.Get", {"Name": "v1"}), 5, "damaged")
 
 
 def test_an_internal_error_is_an_answer_with_exit_70(plugin: Plugin) -> None:
