@@ -23,11 +23,13 @@ import contextlib
 import errno
 import os
 import stat
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from cephvol import mountpoint
+from cephvol import hostfs, mountpoint
 from cephvol.errors import CephvolError, Conflict, UsageError
+from cephvol.hostfs import Mount
 from cephvol.state import StateStore
 
 MARKER = "# Written by cephvol for "
@@ -110,7 +112,8 @@ def _existing(path: Path, parent_fd: int, name: str, spec: object,
     return True
 
 
-def _check_path(path: Path | str, state_dir: Path | None) -> Path:
+def _check_path(path: Path | str, state_dir: Path | None,
+                mounts: Sequence[Mount] | None = None) -> Path:
     text = mountpoint.check_name(path, "--env-file")
     if text == "/":
         raise UsageError("--env-file '/' is a directory")
@@ -120,6 +123,10 @@ def _check_path(path: Path | str, state_dir: Path | None) -> Path:
         # journals, locks and the mapping daemons' mounts live below it)
         state_dir = None
     mountpoint.check_policy(text, state_dir, "--env-file", directory=False)
+    # by identity too: below a bind mount of /etc or of the state directory
+    # the file would land there, whatever its name says
+    mountpoint.check_places(text, hostfs.read_mounts() if mounts is None else mounts,
+                            state_dir, "--env-file", directory=False)
     return Path(text)
 
 

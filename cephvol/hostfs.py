@@ -277,10 +277,30 @@ def device_number(path: str) -> tuple[int, int]:
     return (os.major(st.st_rdev), os.minor(st.st_rdev))
 
 
-def pid_alive(pid: int, proc_root: Path = PROC) -> bool:
-    """True for a live process; a zombie is dead (this host's PID 1 reaps late)."""
+def process_state(pid: int, proc_root: Path = PROC) -> str | None:
+    """The state letter of /proc/PID/stat (R, S, D, T stopped, t traced, Z...),
+    None when there is no such process."""
     try:
         stat_line = (proc_root / str(pid) / "stat").read_text()
     except OSError:
-        return False
-    return stat_line.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+        return None
+    try:
+        return stat_line.rsplit(")", 1)[1].split()[0]
+    except IndexError:
+        return None
+
+
+def pid_alive(pid: int, proc_root: Path = PROC) -> bool:
+    """True for a live process; a zombie is dead (this host's PID 1 reaps late)."""
+    return process_state(pid, proc_root) not in (None, "Z", "X")
+
+
+def stopped(pid: int | None, what: str, proc_root: Path = PROC) -> str | None:
+    """Why the daemon `pid` cannot serve I/O although it is alive (stopped by
+    SIGSTOP or held by a debugger), or None. Its writes are not lost: they
+    wait until it is continued."""
+    state = process_state(pid, proc_root) if pid else None
+    if state in ("T", "t"):
+        how = "stopped (SIGSTOP)" if state == "T" else "held by a debugger"
+        return f"its {what} (pid {pid}) is {how}; `kill -CONT {pid}` lets it go on"
+    return None

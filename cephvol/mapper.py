@@ -110,6 +110,13 @@ class Backend(ABC):
     @abstractmethod
     def list_mappings(self) -> list[Mapping]: ...
 
+    def orphans(self) -> list[Mapping]:
+        """Mappings of this backend on the host whose image cannot be named
+        (spec ""): their record is gone (state directory removed) and so is
+        the daemon that knew it. `find(spec)` still finds one for the image
+        it belongs to; status lists them so they are never invisible."""
+        return []
+
     def refresh_size(self, mapping: Mapping) -> None:
         """Make the device see a grown image. krbd and rbd-nbd follow the
         image's header by themselves; the loop device of fuse needs a nudge."""
@@ -120,6 +127,13 @@ class Backend(ABC):
         why not (its userspace daemon died, its connection was aborted). A
         broken mapping is never reported as attached or detached cleanly:
         writes queued in it are lost. krbd mappings live in the kernel."""
+        return None
+
+    def stalled(self, mapping: Mapping) -> str | None:
+        """Why the mapping's userspace daemon cannot serve I/O right now
+        although it lives (stopped, traced), or None. Nothing is lost yet,
+        but a flush through it would wait until it is continued: detach
+        says so instead of blaming the cluster after its step bound."""
         return None
 
     def abort(self, mapping: Mapping) -> None:

@@ -31,6 +31,7 @@ from cephvol.hostfs import (
     processes_named,
     read_loop_devices,
     read_mounts,
+    stopped,
 )
 from cephvol.mapper import Backend, MapOptions, Mapping, Support
 from cephvol.spec import ImageSpec, spec_from_key
@@ -109,6 +110,9 @@ class FuseBackend(Backend):
         if not mapping.extra.get("fuse_mounted"):
             return "its rbd-fuse mount is gone"
         return None
+
+    def stalled(self, mapping: Mapping) -> str | None:
+        return stopped(mapping.extra.get("fuse_pid"), "rbd-fuse", self.paths.proc_root)
 
     _aborted = False  # set by abort(): this mapping's daemon is cut loose
 

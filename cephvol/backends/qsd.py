@@ -31,6 +31,7 @@ Guards, each found by trying:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import os
@@ -50,7 +51,13 @@ from cephvol.errors import (
     SystemCommandError,
     Unsupported,
 )
-from cephvol.hostfs import pid_alive, processes_named, read_loop_devices, read_mounts
+from cephvol.hostfs import (
+    pid_alive,
+    processes_named,
+    read_loop_devices,
+    read_mounts,
+    stopped,
+)
 from cephvol.mapper import Backend, MapOptions, Mapping, Support
 from cephvol.spec import ImageSpec, parse_spec
 from cephvol.waiting import wait_for
@@ -170,6 +177,25 @@ class QsdBackend(Backend):
     def list_mappings(self) -> list[Mapping]:
         """Every mapping with a directory under the state dir, a daemon, an
         export mount or a loop device of ours, whole or half-made."""
+        return [m for m in self._scan() if m.spec]
+
+    def orphans(self) -> list[Mapping]:
+        return [m for m in self._scan() if not m.spec]
+
+    def find(self, spec: ImageSpec) -> Mapping | None:
+        """Also a mapping whose spec file and daemon are gone: its directory
+        is named by a hash of the image, so the image still finds it."""
+        found = None
+        d = str(self.dir_of(spec))
+        for m in self._scan():
+            if m.spec == str(spec):
+                return m
+            if not m.spec and m.extra.get("qsd_dir") == d:
+                found = dataclasses.replace(m, spec=str(spec),
+                                            read_only=m.read_only or spec.read_only)
+        return found
+
+    def _scan(self) -> list[Mapping]:
         root = str(self.root)
         try:
             dirs = {str(self.root / n) for n in os.listdir(self.root)}
@@ -181,8 +207,10 @@ class QsdBackend(Backend):
                   and os.path.basename(m.mountpoint) == IMAGE_FILE}
         loops = {}
         for lo in read_loop_devices(self.paths.sys_root):
-            d = os.path.dirname(lo.backing_file)
-            if os.path.dirname(d) == root and os.path.basename(lo.backing_file) == IMAGE_FILE:
+            # the kernel shows a backing file removed since as "PATH (deleted)"
+            backing = lo.backing_file.removesuffix(" (deleted)")
+            d = os.path.dirname(backing)
+            if os.path.dirname(d) == root and os.path.basename(backing) == IMAGE_FILE:
                 loops[d] = lo
         if not (dirs or mounts or loops):
             return []
@@ -195,9 +223,9 @@ class QsdBackend(Backend):
                     scanned = self._daemons_by_dir()
                 pid = scanned.get(d)
             spec = self._read_spec(Path(d), pid)
-            if spec is None:
-                continue
             lo = loops.get(d)
+            if spec is None and pid is None and not lo and d not in mounts:
+                continue  # an empty directory: nothing on the host to show
             extra: dict[str, Any] = {"qsd_dir": d, "qsd_pid": pid,
                                      "export_mounted": d in mounts}
             if lo and _autoclear(self.paths.sys_root, lo.name):
@@ -207,12 +235,12 @@ class QsdBackend(Backend):
                 lo = None
             out.append(Mapping(
                 backend=self.name,
-                spec=str(spec),
+                spec=str(spec) if spec else "",  # "": an orphan, see orphans()
                 # a loop without its daemon keeps its device: a filesystem
                 # may still be mounted on it, and detach must unmount it
                 device=lo.path if lo else "",
                 backend_id=lo.name if lo else "",
-                read_only=lo.read_only if lo else spec.read_only,
+                read_only=lo.read_only if lo else bool(spec and spec.read_only),
                 extra=extra,
             ))
         return out
@@ -403,6 +431,10 @@ class QsdBackend(Backend):
         if not mapping.extra.get("export_mounted"):
             return "the FUSE export of its qemu-storage-daemon was unmounted"
         return None
+
+    def stalled(self, mapping: Mapping) -> str | None:
+        return stopped(mapping.extra.get("qsd_pid"), "qemu-storage-daemon",
+                       self.paths.proc_root)
 
     def refresh_size(self, mapping: Mapping) -> None:
         """Tell the daemon the image grew (QMP block_resize to the image's

@@ -28,6 +28,7 @@ from cephvol.errors import (
     Conflict,
     DataLost,
     StepTimeout,
+    SystemCommandError,
 )
 from cephvol.lifecycle.host import Host, crash_point, find_mapping
 from cephvol.mapper import (
@@ -189,6 +190,17 @@ def detach_locked(host: Host, spec: ImageSpec, *, force: bool, lazy: bool,
             raise DataLost(f"{spec}: {lost}. Nothing was changed; `cephvol detach --force "
                            f"{spec}` tears it down, and what was not written is lost")
         outcome.not_written = lost
+    stalled = (backend.stalled(mapping) if backend and mapping and mapping.device
+               and not broken else None)
+    if stalled and plan[0].kind != "refuse":
+        if not force:
+            raise SystemCommandError(
+                f"not detaching {spec}: {stalled}, and a flush through it would wait until "
+                "then. Nothing was changed; detach again once it runs (--force tears it "
+                "down now, and the writes it holds are lost)")
+        outcome.not_written = (f"{stalled.split(';')[0]} when it was torn down by force: "
+                               "writes it held were not written to the cluster")
+        backend.abort(mapping)
     st = store.load(spec.key)
     if broken and st is not None and isinstance(st.extra.get("owner"), dict):
         outcome.dead_addrs = list(st.extra["owner"].get("addrs") or [])

@@ -4,6 +4,7 @@ same detach as attach/detach do."""
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 from cephvol import fs, hostfs, ownership
@@ -145,6 +146,23 @@ def status(host: Host) -> list[dict[str, Any]]:
             if not m.device or broken:
                 row["phase"] = "broken"
                 row["problem"] = broken or "half-made mapping (an interrupted attach)"
+            elif stalled := b.stalled(m):
+                row["phase"] = "stalled"
+                row["problem"] = stalled
+        for m in b.orphans():
+            where = m.extra.get("qsd_dir") or m.backend_id
+            on = None
+            with contextlib.suppress(OSError, ValueError):
+                dev = hostfs.device_number(m.device) if m.device else None
+                on = next((x.mountpoint for x in host.mounts() if x.devnum == dev), None)
+            rows[f"{m.backend}:{where}"] = {
+                "image": None, "device": m.device or None, "mountpoint": on,
+                "backend": m.backend, "phase": "broken", "fstype": None,
+                "read_only": m.read_only, "mapped": bool(m.device), "mounted": False,
+                "problem": f"a {m.backend} mapping ({where}) whose image is recorded nowhere "
+                           "any more (state directory removed?) and whose daemon is gone: "
+                           "writes not yet flushed are lost; `cephvol detach IMAGE` with "
+                           "its image removes it"}
     for path in host.store.corrupt_files():
         rows.setdefault(f"journal:{path.name}", {
             "image": None, "device": None, "mountpoint": None, "backend": None,

@@ -603,3 +603,37 @@ def test_a_refused_detach_changes_nothing(cluster: CephCluster, image: str, mnt:
     assert stale.returncode == 0 and json.loads(stale.stdout) == [], stale.stdout
     assert os.path.ismount(mnt)
     cluster.cli("detach", image, check=True)
+
+
+@pytest.mark.parametrize("backend", ["fuse", "qsd"])
+def test_a_stopped_mapping_daemon_is_named_not_blamed_on_the_cluster(
+        cluster: CephCluster, image: str, mnt: Path, backend: str) -> None:
+    """Found by a try-to-break session: with its daemon SIGSTOPped the volume
+    showed "attached", and detach waited its step bound, then blamed the
+    cluster. Now status says "stalled" and why, detach refuses at once
+    naming the pid and changes nothing; once continued, it detaches and
+    nothing is lost."""
+    cluster.cli("create", image, "--size", "64M", check=True)
+    cp = cluster.cli("attach", image, "--mountpoint", str(mnt), "--json", "--backend", backend)
+    assert cp.returncode == 0, cp.stderr
+    (mnt / "kept").write_text("written before the stop")
+    m = next(r for r in _json(cluster.cli("showmapped", "--json")) if r["spec"] == image)
+    pid = int(m["extra"]["fuse_pid" if backend == "fuse" else "qsd_pid"])
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        row = next(r for r in _json(cluster.cli("status", "--json")) if r["image"] == image)
+        assert row["phase"] == "stalled" and f"kill -CONT {pid}" in row["problem"], row
+        t0 = time.monotonic()
+        det = cluster.cli("detach", image, CEPHVOL_STEP_TIMEOUT="30")
+        assert time.monotonic() - t0 < 15
+        assert det.returncode == 11 and f"pid {pid}) is stopped" in det.stderr, det.stderr
+        assert len(det.stderr.strip().splitlines()) == 1
+        assert os.path.ismount(mnt)
+        row = next(r for r in _json(cluster.cli("status", "--json")) if r["image"] == image)
+        assert row["phase"] == "stalled", row
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    cluster.cli("detach", image, check=True)
+    cluster.cli("attach", image, "--mountpoint", str(mnt), "--backend", backend, check=True)
+    assert (mnt / "kept").read_text() == "written before the stop"
+    cluster.cli("detach", image, check=True)

@@ -228,6 +228,42 @@ def test_qsd_killed_daemon_is_reported_and_never_detached_cleanly(
     _gone(cluster, image)
 
 
+def test_qsd_mapping_outlives_its_state_dir_and_daemon_and_is_still_found(
+        cluster: CephCluster, image: str, mnt: Path) -> None:
+    """Found by a try-to-break session: the state directory removed, then the
+    daemon dead, left a mapping nobody could see (status empty, detach "not
+    attached", exit 0). The loop device and the export stay; their directory
+    is named by a hash of the image: status lists the mapping as broken with
+    its device and mountpoint, and `detach IMAGE` finds it and says writes
+    may be lost (exit 12), never "detached"."""
+    cluster.cli("create", image, "--size", "64M", check=True)
+    res = _attach(cluster, image, mnt)
+    (mnt / "f").write_text("queued")
+    pid = _daemon_pid(cluster, image)
+    # rm -rf: everything but the export's mountpoint (EBUSY) goes
+    subprocess.run(["rm", "-rf", str(cluster.state_dir)], capture_output=True, check=False)
+    assert not (cluster.state_dir / "volumes").exists()
+    os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while _daemons_of(cluster, image) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    st = cluster.cli("status", "--json")
+    assert st.returncode == 0, st.stderr
+    rows = [r for r in json.loads(st.stdout) if r["backend"] == "qsd"]
+    assert len(rows) == 1, rows
+    assert rows[0]["image"] is None and rows[0]["phase"] == "broken", rows
+    assert rows[0]["device"] == res["device"] and rows[0]["mountpoint"] == str(mnt), rows
+    assert "recorded nowhere" in rows[0]["problem"]
+    det = cluster.cli("detach", image, "--json")
+    assert det.returncode == 12 and '"detached": true' not in det.stdout, det.stderr
+    forced = cluster.cli("detach", "--force", image)
+    assert forced.returncode == 12, forced.stderr
+    assert not os.path.ismount(mnt)
+    _gone(cluster, image)
+    assert [r for r in json.loads(cluster.cli("status", "--json", check=True).stdout)
+            if r["backend"] == "qsd"] == []
+
+
 @pytest.mark.parametrize("finisher", ["detach", "cleanup"])
 @pytest.mark.parametrize("step", ["qsd-dir", "qsd-daemon", "qsd-loop"])
 def test_qsd_crash_mid_map_is_finished(cluster: CephCluster, image: str, mnt: Path,

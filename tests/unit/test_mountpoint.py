@@ -25,7 +25,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cephvol import fs, hostfs, mountpoint
+from cephvol import envfile, fs, hostfs, mountpoint
 from cephvol._os import mountapi
 from cephvol.errors import CephvolError, ExitCode
 from cephvol.spec import parse_mountpoint
@@ -83,13 +83,14 @@ def tree(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     os.symlink("d", b / "lr")  # relative, to a harmless place: still refused
     os.symlink("../..", b / "lu")
     os.symlink("nowhere", b / "dang")
-    for name in ("m", "be", "bs"):
+    for name in ("m", "be", "bs", "bsd"):
         (b / name).mkdir()
     try:
         _sh("mount", "-t", "tmpfs", "-o", "size=1m", "cvtest", str(b / "m"))
         for src, name in (("/etc", "be"), (ETC_SUB, "bs")):
             _sh("mount", "--bind", src, str(b / name))
             _sh("mount", "-o", "remount,bind,ro", str(b / name))
+        _sh("mount", "--bind", str(b / "state"), str(b / "bsd"))  # writable
         yield b
     finally:
         _umount_all_under(b)
@@ -102,7 +103,7 @@ def _snapshot(base: Path) -> dict[str, tuple[int, int, str]]:
     out: dict[str, tuple[int, int, str]] = {}
     for root, dirs, files in os.walk(base):
         if root == str(base):
-            dirs[:] = [d for d in dirs if d not in ("be", "bs")]
+            dirs[:] = [d for d in dirs if d not in ("be", "bs", "bsd")]
         for name in dirs + files:
             p = os.path.join(root, name)
             s = os.lstat(p)
@@ -223,6 +224,34 @@ def test_system_places_are_refused_by_name(text: str) -> None:
         fs.check_mountpoint(Path(str(mp)), hostfs.read_mounts(), None)
     assert err.value.exit_code == ExitCode.USAGE
     _refusal_ok(err.value)
+
+
+@pytest.mark.parametrize(("rel", "words"), [
+    ("bsd/x.env", "inside {state} (through a bind mount)"),
+    ("bsd/fuse/x.env", "inside {state} (through a bind mount)"),
+    ("be/cephvol-x.env", "inside /etc (through a bind mount)"),
+    ("bs/x.env", "inside /etc (through a bind mount)"),
+])
+def test_an_env_file_below_a_bind_of_etc_or_the_state_dir_is_refused(
+        tree: Path, rel: str, words: str) -> None:
+    """By identity, as mountpoints: a writable bind of the state directory
+    (or of /etc) elsewhere must not carry the env file into it."""
+    state = tree / "state"
+    before = _snapshot(tree)
+    vals = {"image": "rbd/x", "device": "/dev/loop9"}
+    for call in (lambda: envfile.check(tree / rel, "rbd/x", None, state),
+                 lambda: envfile.write(tree / rel, "rbd/x", vals, None, state)):
+        with pytest.raises(CephvolError) as err:
+            call()
+        assert err.value.exit_code == ExitCode.USAGE, err.value.message
+        assert words.format(state=state) in err.value.message, err.value.message
+        _refusal_ok(err.value)
+    assert _snapshot(tree) == before
+    assert sorted(os.listdir(state)) == ["fuse"]
+    # the same name in a plain directory is written
+    envfile.write(tree / "d" / "x.env", "rbd/x", vals, None, state)
+    assert (tree / "d" / "x.env").read_text().startswith(envfile.MARKER)
+    (tree / "d" / "x.env").unlink()
 
 
 def test_state_dir_ancestor_is_refused(tree: Path) -> None:
