@@ -201,6 +201,7 @@ def attach(image: str | ImageSpec, mountpoint: PathArg | None = None, *,
            mkfs: bool = True, mkfs_options: tuple[str, ...] = (), fsck: str = "auto",
            mount_options: tuple[str, ...] = (), env_file: PathArg | None = None,
            takeover: bool = False, force: bool = False,
+           owner: str | tuple[int, int] | None = None,
            conf: PathArg | None = None, client_id: str | None = None,
            connect_timeout: float | None = None,
            state_dir: PathArg | None = None) -> Attachment:
@@ -212,6 +213,8 @@ def attach(image: str | ImageSpec, mountpoint: PathArg | None = None, *,
     if empty and `mkfs`). `fstype` is ext4 or xfs for a new filesystem and is
     checked against an existing one. `takeover` takes the volume from a dead
     owner host (fencing it); `force` with it, even from one that looks alive.
+    `owner` ("UID[:GID]" or (uid, gid)) owns the root directory of a
+    filesystem this call makes; an existing filesystem is never chowned.
     """
     from cephvol import lifecycle
     from cephvol.mapper import MapOptions
@@ -225,12 +228,21 @@ def attach(image: str | ImageSpec, mountpoint: PathArg | None = None, *,
     for o in opts:  # the same rule as the CLI's -o
         if not o.replace("_", "").replace("=", "").replace("-", "").isalnum():
             raise UsageError(f"invalid mount option {o!r}")
+    root_owner = None
+    if owner is not None:
+        from cephvol.fs import parse_owner
+
+        if isinstance(owner, tuple) and all(type(i) is int for i in owner):
+            owner = ":".join(str(i) for i in owner)
+        if not isinstance(owner, str):
+            raise UsageError(f"owner must be 'UID[:GID]' or (uid, gid), not {owner!r}")
+        root_owner = parse_owner(owner, "owner")
     where = _Where(conf, client_id, connect_timeout, state_dir)
     req = lifecycle.AttachRequest(
         spec=spec, mountpoint=mp, backend=backend, options=MapOptions(read_only=read_only),
         fstype=fstype, mkfs=mkfs, mkfs_options=list(mkfs_options), fsck=fsck,
         mount_options=opts, env_file=Path(os.fspath(env_file)).absolute() if env_file else None,
-        takeover=takeover, force=force)
+        takeover=takeover, force=force, owner=root_owner)
     res = lifecycle.attach(where.host(), req)
     return Attachment(
         image=res["image"], device=res["device"],

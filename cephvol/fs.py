@@ -14,6 +14,7 @@ import json
 import os
 import select
 import stat
+import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,11 +77,54 @@ def validate_fstype(fstype: str) -> str:
     return fstype
 
 
-def mkfs(device: str, fstype: str, extra_options: list[str] | None = None) -> None:
+MAX_ID = 2**32 - 2  # (uid_t)-1 means "no change" to chown(2): not an owner
+
+
+def parse_owner(text: str, label: str = "--owner") -> tuple[int, int]:
+    """UID[:GID] as numbers (a container's users are not this host's names);
+    GID 0 when only UID is given, as chown(1) leaves a new root's group."""
+    uid, sep, gid = str(text).partition(":")
+    parts = (uid, gid) if sep else (uid,)
+    if not all(p.isascii() and p.isdigit() and len(p) <= 10 and int(p) <= MAX_ID
+               for p in parts):
+        raise UsageError(f"{label} {str(text)[:40]!r}: expected UID or UID:GID, numbers "
+                         f"0 to {MAX_ID}")
+    return int(uid), int(gid) if sep else 0
+
+
+def _ext4_extended(extra: list[str], owner: tuple[int, int] | None) -> tuple[str, list[str]]:
+    """mke2fs keeps only the last -E: fold the caller's -E values into ours
+    (after them, so theirs win), and root_owner last, so --owner is never
+    dropped by a `--mkfs-option -E ...`."""
+    ext = ["nodiscard", "lazy_itable_init=1", "lazy_journal_init=1"]
+    rest: list[str] = []
+    i = 0
+    while i < len(extra):
+        o = extra[i]
+        if o == "-E" and i + 1 < len(extra):
+            ext.append(extra[i + 1])
+            i += 2
+            continue
+        if o.startswith("-E") and len(o) > 2:
+            ext.append(o[2:])
+        else:
+            rest.append(o)
+        i += 1
+    if owner is not None:
+        ext.append(f"root_owner={owner[0]}:{owner[1]}")
+    return ",".join(ext), rest
+
+
+def mkfs(device: str, fstype: str, extra_options: list[str] | None = None,
+         owner: tuple[int, int] | None = None) -> None:
     """Make a filesystem, only after a fresh probe says the device is empty.
 
     No discard and lazy init: on a thin RBD image the device is already
     zeroes, and writing or discarding 100 GiB at mkfs would take minutes.
+    `owner` (uid, gid) owns the new root directory (mode 0755), set by mkfs
+    itself (ext4 root_owner, an xfs protofile), so no crash between mkfs and
+    a chown can leave a root-owned root, and a volume never mounted on the
+    host (a container mounts the device) gets it too.
     """
     validate_fstype(fstype)
     p = probe(device)
@@ -92,11 +136,20 @@ def mkfs(device: str, fstype: str, extra_options: list[str] | None = None) -> No
         # and the kernel refuses to grow such a filesystem online (resize2fs:
         # "Permission denied"), which `cephvol resize` needs
         block = [] if any(o.startswith("-b") for o in extra) else ["-b", "4096"]
-        argv = ["mkfs.ext4", "-q", *block, "-E",
-                "nodiscard,lazy_itable_init=1,lazy_journal_init=1", *extra, device]
-    else:
-        argv = ["mkfs.xfs", "-q", "-K", *extra, device]
-    proc.run(argv, timeout=600)
+        ext, rest = _ext4_extended(extra, owner)
+        proc.run(["mkfs.ext4", "-q", *block, "-E", ext, *rest, device], timeout=600)
+        return
+    if owner is None:
+        proc.run(["mkfs.xfs", "-q", "-K", *extra, device], timeout=600)
+        return
+    if any(o.startswith("-p") for o in extra):
+        raise UsageError("--owner and an xfs protofile (-p) do not go together")
+    # mkfs.xfs has no root_owner: its protofile (boot image, two counts,
+    # then the root directory's mode, uid, gid; "$" ends it) sets the root
+    with tempfile.NamedTemporaryFile("w", prefix="cephvol-xfs-proto-") as proto:
+        proto.write(f"/dev/null\n0 0\nd--755 {owner[0]} {owner[1]}\n$\n")
+        proto.flush()
+        proc.run(["mkfs.xfs", "-q", "-K", "-p", proto.name, *extra, device], timeout=600)
 
 
 def fsck(device: str, fstype: str, mode: str) -> None:

@@ -37,7 +37,7 @@ import sys
 import time
 from pathlib import Path
 
-from cephvol.errors import StepTimeout, SystemCommandError, Unsupported
+from cephvol.errors import Busy, StepTimeout, SystemCommandError, Unsupported
 
 FIFREEZE = 0xC0045877  # _IOWR('X', 119, int)
 FITHAW = 0xC0045878  # _IOWR('X', 120, int)
@@ -127,6 +127,11 @@ class FreezeHolder:
                               "snapshotted, the filesystem thaws as soon as the freeze ends")
         if line.startswith("ERROR "):
             _, code, text = [*line.split(" ", 2), ""][:3]
+            if code == str(errno.EBUSY):
+                raise Busy(f"{self.mountpoint} is already frozen, and no running cephvol "
+                           "snapshot holds the freeze (one killed with its record lost, or "
+                           f"`fsfreeze` by someone else): `fsfreeze --unfreeze "
+                           f"{self.mountpoint}` thaws it (`cephvol detach` does so itself)")
             if code == str(errno.EOPNOTSUPP):
                 raise Unsupported(f"the filesystem at {self.mountpoint} cannot be frozen "
                                   f"(FIFREEZE: {text})")

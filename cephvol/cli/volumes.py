@@ -104,6 +104,11 @@ def _map_opts(kw: dict[str, Any]) -> Any:
               help="Format even an image that holds data no signature names "
                    "(DESTROYS that data).")
 @click.option("--mkfs-option", "mkfs_options", multiple=True, help="Extra mkfs argument.")
+@click.option("--owner", "root_owner", metavar="UID[:GID]",
+              help="Numeric owner of the root directory of a filesystem this attach makes "
+                   "(GID 0 if not given), for a container that runs as that user. Only "
+                   "at the first mkfs: a volume that already holds a filesystem is never "
+                   "chowned again. Not with --read-only or --no-mkfs.")
 @click.option("--fsck", default="auto", show_default=True,
               type=click.Choice(["auto", "skip", "force"]))
 @click.option("-o", "--mount-option", "mount_options", multiple=True,
@@ -112,13 +117,14 @@ def _map_opts(kw: dict[str, Any]) -> Any:
 @click.pass_obj
 def attach(obj: Ctx, spec: str, mountpoint: str | None, env_file: str | None, backend: str,
            fstype: str | None, mkfs: bool, force_mkfs: bool, mkfs_options: tuple[str, ...],
-           fsck: str,
+           fsck: str, root_owner: str | None,
            mount_options: tuple[str, ...], as_json: bool, **kw: Any) -> None:
     """Map an image, make a filesystem if it has none, mount it; print the device."""
-    from cephvol import lifecycle
+    from cephvol import fs, lifecycle
     from cephvol.spec import parse_mountpoint
 
     s = _spec(spec)
+    owner = fs.parse_owner(root_owner) if root_owner is not None else None
     owner_kw = _owner_kw(kw)
     mo = _map_opts(kw)
     mp = Path(str(parse_mountpoint(mountpoint))) if mountpoint is not None else None
@@ -132,7 +138,7 @@ def attach(obj: Ctx, spec: str, mountpoint: str | None, env_file: str | None, ba
     req = lifecycle.AttachRequest(
         spec=s, mountpoint=mp, backend=backend, options=mo,
         fstype=fstype, mkfs=mkfs, force_mkfs=force_mkfs, mkfs_options=list(mkfs_options),
-        fsck=fsck,
+        fsck=fsck, owner=owner,
         mount_options=mopts,
         env_file=_env_file(env_file), **owner_kw)
     host = obj.host()

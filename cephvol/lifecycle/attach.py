@@ -56,6 +56,9 @@ class AttachRequest:
     takeover_wait: float = ownership.DEFAULT_TAKEOVER_WAIT
     force_mkfs: bool = False  # format even an image that holds data blkid cannot name
     size: int | None = None  # create the image with this size when it is missing
+    # (uid, gid) owning the root of a filesystem this attach makes; an
+    # existing filesystem is never chowned (its owner is the data's business)
+    owner: tuple[int, int] | None = None
 
 
 def attach(host: Host, req: AttachRequest) -> dict[str, Any]:
@@ -67,6 +70,12 @@ def attach(host: Host, req: AttachRequest) -> dict[str, Any]:
         fs.validate_fstype(req.fstype)
     if req.fsck not in fs.FSCK_MODES:
         raise UsageError(f"--fsck must be one of {', '.join(fs.FSCK_MODES)}")
+    if req.owner is not None:
+        # checked (and normalised) here too: the API and the plugin build requests
+        req.owner = fs.parse_owner(":".join(str(i) for i in req.owner))
+        if read_only or not req.mkfs:
+            raise UsageError("--owner sets the owner of the root of a filesystem attach "
+                             "makes: not with --read-only, a snapshot or --no-mkfs")
     if req.env_file:  # a path it cannot write is refused before anything is mapped
         envfile.check(req.env_file, spec, host.store, host.paths.state_dir)
     if not read_only:
@@ -389,11 +398,15 @@ def _ensure_filesystem(host: Host, backend: Backend, spec: ImageSpec, st: Volume
                              "formats it, destroying that data)")
         st.steps.append("mkfs-started")
         host.store.save(spec.key, st)
-        fs.mkfs(st.device, fstype, req.mkfs_options)
+        fs.mkfs(st.device, fstype, req.mkfs_options, owner=req.owner)
         st.fstype = fstype
         st.extra["created_filesystem"] = True
+        owned = ""
+        if req.owner is not None:
+            st.extra["root_owner"] = f"{req.owner[0]}:{req.owner[1]}"
+            owned = f" (its root owned by {st.extra['root_owner']})"
         _done(host.store, spec, st, "mkfs")
-        event("mkfs", spec, st, f"made {fstype} on {st.device}, which was empty")
+        event("mkfs", spec, st, f"made {fstype} on {st.device}, which was empty{owned}")
         crash_point("mkfs")
     elif p.kind == "filesystem":
         if req.fstype and p.fstype != req.fstype:

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from cephvol import envfile, fs, hostfs, ownership, supervisor
-from cephvol._os import mountns
+from cephvol._os import freeze, mountns
 from cephvol.cleanup import (
     Observed,
     Step,
@@ -276,11 +276,29 @@ def _taken_over_by(host: Host, spec: ImageSpec) -> str | None:
     return None
 
 
+def _thaw_unheld_freeze(spec: ImageSpec, mountpoint: str) -> None:
+    """A frozen filesystem blocks the flush (and the unmount) until someone
+    thaws it, and the kernel never does: a snapshot killed together with its
+    freeze helper, its record lost with the state directory, leaves it so.
+    The volume lock is held here, so no snapshot of ours is running: thaw
+    it. FITHAW of a filesystem that is not frozen fails with EINVAL and
+    changes nothing, so this costs one ioctl on the normal path."""
+    try:
+        was_frozen = freeze.thaw(mountpoint)
+    except (OSError, CephvolError):
+        return  # not ours to judge here: the flush reports what is wrong
+    if was_frozen:
+        supervisor.event("thaw", str(spec), f"thawed {mountpoint} before detaching: it was "
+                         "frozen by no running snapshot (a killed snapshot whose record was "
+                         "lost, or fsfreeze)", level=logging.WARNING, mountpoint=mountpoint)
+
+
 def _run_step(host: Host, spec: ImageSpec, step: Step, backend: Backend | None,
               mapping: Mapping | None, force: bool, outcome: _Outcome) -> None:
     if step.kind == "refuse":
         raise Busy(step.detail)
     if step.kind == "sync":
+        _thaw_unheld_freeze(spec, step.target)
         failed = fs.sync_fs(step.target)
         if failed:
             lost = f"flushing {step.target} failed ({failed}): writes were not written"

@@ -68,7 +68,7 @@ _TRUE, _FALSE = ("true", "yes", "1", "on"), ("false", "no", "0", "off")
 _BOOLS = ("read-only", "exclusive", "delete-on-remove")
 # every `-o` a volume takes; anything else is refused, never ignored
 OPTIONS = ("size", "pool", "namespace", "fstype", "backend", "read-only", "exclusive",
-           "mkfs-option", "mount-option", "fsck", "delete-on-remove")
+           "mkfs-option", "mount-option", "fsck", "delete-on-remove", "owner")
 MAX_VALUE = 1024
 
 
@@ -103,6 +103,7 @@ class VolumeOptions:
     mount_options: list[str] = field(default_factory=list)
     fsck: str = "auto"
     delete_on_remove: bool = False
+    owner: tuple[int, int] | None = None  # of a new filesystem's root (first mkfs only)
 
 
 def error_text(exc: CephvolError) -> str:
@@ -184,6 +185,11 @@ def parse_options(name: str, raw: Any) -> VolumeOptions:
             o.mkfs_options = _mkfs_options(value)
         elif key == "mount-option":
             o.mount_options = _mount_options(value)
+        elif key == "owner":
+            o.owner = fs.parse_owner(value, "option owner")
+    if o.owner is not None and o.read_only:
+        raise UsageError("option owner sets the owner of a new filesystem's root; a "
+                         "read-only volume never gets one")
     image_spec(name, o)  # pool and namespace checked as parts of a spec
     MapOptions(read_only=o.read_only, exclusive=o.exclusive).validate()
     return o
@@ -344,7 +350,7 @@ class Plugin:
                 spec=spec, mountpoint=mp, backend=o.backend,
                 options=MapOptions(read_only=o.read_only, exclusive=o.exclusive),
                 fstype=o.fstype, mkfs_options=o.mkfs_options, fsck=o.fsck,
-                mount_options=o.mount_options))
+                mount_options=o.mount_options, owner=o.owner))
             ids = self._ids(name)
             if mid not in ids:  # the same ID twice is one mount (Docker may retry)
                 ids[mid] = time.time()

@@ -222,6 +222,36 @@ def test_next_command_thaws_a_leftover_freeze(vol: Vol, mnt: Path, next_command:
     assert vol.freeze_records() == []
 
 
+def test_a_freeze_whose_record_was_lost_is_named_by_snap_and_thawed_by_detach(
+        vol: Vol, mnt: Path) -> None:
+    """Found by a try-to-break session: the snapshot and its freeze helper
+    killed together and the freeze record lost (state directory removed)
+    left the filesystem frozen for good; the next snapshot failed with a bare
+    EBUSY and detach hung in syncfs until its bound, blaming the cluster."""
+    cp = vol.cli("snap", "create", f"{vol.image}@k", CEPHVOL_TEST_CRASH_AT="snap-frozen+holder")
+    assert cp.returncode == -9
+    for rec in vol.freeze_records():
+        Path(rec).unlink()
+    w = _one_write(mnt / "blocked")
+    try:
+        with pytest.raises(subprocess.TimeoutExpired):
+            w.wait(timeout=1)
+        snap = vol.cli("snap", "create", f"{vol.image}@k2")
+        assert snap.returncode == 4, snap.stderr
+        assert "already frozen" in snap.stderr and "fsfreeze --unfreeze" in snap.stderr
+        assert len(snap.stderr.strip().splitlines()) == 1
+        start = time.monotonic()
+        det = vol.cli("detach", vol.image, timeout=60)
+        assert w.wait(timeout=10) == 0
+        assert det.returncode == 0, det.stderr
+        assert time.monotonic() - start < 30
+    finally:
+        with contextlib.suppress(Exception):
+            freeze.thaw(mnt)
+        w.wait(timeout=30)
+    assert vol.freeze_records() == []
+
+
 def test_freeze_never_outlives_its_bound(vol: Vol, mnt: Path) -> None:
     """The freeze child thaws `bound` seconds after the freeze even though
     its parent is alive and never asks (a librbd call stuck on a dead
