@@ -217,6 +217,8 @@ class AppUnit:
     runtime: str | None = None
     fleet: bool = False
     size: str | None = None  # attach creates the image with this size when missing
+    read_only: bool = False  # attach --read-only; the container gets it read-only too
+    owner: str | None = None  # attach --owner UID[:GID]: a new filesystem's root
 
     def validate(self) -> None:
         if self.kind not in KINDS:
@@ -253,10 +255,39 @@ class AppUnit:
 
             parse_size(self.size)  # refused here, not when the unit first starts
             object.__setattr__(self, "size", format_size(parse_size(self.size)))
+        if self.owner is not None:
+            from cephvol.fs import parse_owner
+
+            uid, gid = parse_owner(self.owner)
+            object.__setattr__(self, "owner", f"{uid}:{gid}")
+            if self.read_only:
+                raise UsageError("--owner sets the owner of a new filesystem's root; a "
+                                 "--read-only unit never makes one")
 
     @property
     def host_mountpoint(self) -> str:
         return self.mountpoint or f"/srv/cephvol/{self.name}"
+
+
+# What a docker/podman container is told (-e NAME takes the value from the
+# unit's environment, i.e. the env file attach wrote; `--env-file` of docker
+# and podman would keep the file's quotes in the values).
+CONTAINER_ENV_PASSED = ("CEPHVOL_IMAGE", "CEPHVOL_FSTYPE", "CEPHVOL_READ_ONLY")
+
+
+def container_env(unit: AppUnit) -> str:
+    """The -e arguments of `docker/podman run`: the env file's values that
+    mean the same inside the container, and the volume's path as the
+    container sees it (CEPHVOL_MOUNTPOINT for bind, CEPHVOL_DEVICE for
+    device), not the host's."""
+    if unit.kind == "plain":
+        return ""
+    args = [f"-e {name}" for name in CONTAINER_ENV_PASSED]
+    if unit.style == "bind":
+        args.append(f"-e CEPHVOL_MOUNTPOINT={unit.container_path or '/data'}")
+    else:
+        args.append(f"-e CEPHVOL_DEVICE={unit.container_path or '/dev/cephvol'}")
+    return " ".join(args)
 
 
 def default_unit_name(spec: ImageSpec) -> str:
@@ -354,7 +385,10 @@ def render_app(unit: AppUnit) -> tuple[str, str]:
         else (f" {unit.command}" if unit.command else ""),
         "DESCRIPTION": f"{unit.name} on Ceph RBD volume {unit.spec}",
         "ATTACH_ARGS": (f" --mountpoint {unit.host_mountpoint}" if bind else "")
-        + (f" --size {unit.size}" if unit.size else ""),
+        + (f" --size {unit.size}" if unit.size else "")
+        + (" --read-only" if unit.read_only else "")
+        + (f" --owner {unit.owner}" if unit.owner else ""),
+        "CONTAINER_ENV": container_env(unit),
     }
     env_lines_ = ""
     for i, (k, v) in enumerate(unit.environment):
@@ -363,12 +397,15 @@ def render_app(unit: AppUnit) -> tuple[str, str]:
     if bind:
         values["STYLE_NOTE"] = ("Style bind: the host mounts it; the container gets the "
                                 "directory, no extra capabilities.")
-        values["VOLUME_ARGS"] = f"-v {unit.host_mountpoint}:{unit.container_path or '/data'}"
+        values["VOLUME_ARGS"] = (f"-v {unit.host_mountpoint}:{unit.container_path or '/data'}"
+                                 + (":ro" if unit.read_only else ""))
     else:
         values["STYLE_NOTE"] = ("Style device: the host maps it; the container gets the "
                                 "device and CAP_SYS_ADMIN and mounts it.")
+        # ":r": the device cgroup lets the container read the device only
         values["VOLUME_ARGS"] = ("--device ${CEPHVOL_DEVICE}:"
-                                 f"{unit.container_path or '/dev/cephvol'} --cap-add SYS_ADMIN")
+                                 f"{unit.container_path or '/dev/cephvol'}"
+                                 + (":r" if unit.read_only else "") + " --cap-add SYS_ADMIN")
     template = _template(f"app-{unit.kind}.service").replace("@ENVIRONMENT@", env_lines_)
     if unit.fleet:
         template += ("\n[X-Fleet]\n# fleet: never two units of this volume's users on one "

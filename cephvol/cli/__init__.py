@@ -6,22 +6,48 @@ plugin); importing them registers their commands on the group in base.py.
 
 from __future__ import annotations
 
-import json
-import os
 import sys
+from typing import Any
 
-import click
-
-# importing the command modules registers their commands on the group
-from cephvol.cli import base, devcluster, images, plugin, snapshots, units, volumes  # noqa: F401
-from cephvol.cli.base import cli, log
-from cephvol.errors import CephvolError, ExitCode
+# click, the command modules and json are imported by main(), not here:
+# `cephvol --version` (what health checks and package scripts run) answers
+# without them (issue 15: start-up <= 2x `python3 -c pass`; click alone costs
+# about as much as starting Python).
 
 # -- entry point -----------------------------------------------------------------
 
 
+def _commands() -> Any:
+    """cephvol.cli.base, with every command module imported: importing them
+    registers their commands on the group."""
+    from cephvol.cli import (  # noqa: F401
+        base,
+        devcluster,
+        images,
+        plugin,
+        snapshots,
+        units,
+        volumes,
+    )
+
+    return base
+
+
+def __getattr__(name: str) -> Any:
+    """`from cephvol.cli import cli` (the click group) still works."""
+    if name in ("cli", "log"):
+        return getattr(_commands(), name)
+    raise AttributeError(name)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; every failure becomes one line on stderr and a documented code."""
+    import click
+
+    from cephvol.errors import CephvolError, ExitCode
+
+    base = _commands()
+    cli, log = base.cli, base.log
     args = sys.argv[1:] if argv is None else argv
     as_json = "--json" in args
     debug = "--debug" in args
@@ -50,6 +76,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _fail(message: str, code: int, as_json: bool) -> int:
+    import json
+    import os
+
+    import click
+
+    base = _commands()
+    log = base.log
     message = " ".join(message.split())  # one line, always
     if as_json:
         click.echo(json.dumps({"error": message, "exit_code": int(code)}))
@@ -64,4 +97,10 @@ def _fail(message: str, code: int, as_json: bool) -> int:
 
 
 def entry() -> None:
+    if sys.argv[1:] == ["--version"]:
+        # the same line click's version option prints, without loading click
+        from cephvol import __version__
+
+        sys.stdout.write(f"cephvol, version {__version__}\n")
+        sys.exit(0)
     sys.exit(main())
