@@ -1,158 +1,28 @@
-"""The mapper: one interface, several ways to turn an RBD image into a block device.
-
-Backend contract (modelled on os-brick's connect_volume/disconnect_volume):
-
-- `map(spec, opts)` makes the image available as a local block device and
-  returns a `Mapping` whose `device` is a verified block-device path. It is
-  idempotent: if the spec is already mapped (found from the kernel, not
-  from cephvol's journal) the existing mapping is returned, never a second
-  one. On failure it undoes what it did and raises a CephvolError.
-- `unmap(mapping, force)` removes the device. The caller (cleanup) has
-  already checked that nothing mounts or holds it; `force` is passed on only
-  when the operator asked. Unmapping something already gone is not an error.
-- `list_mappings()` reports what the kernel shows, including half-made
-  mappings (`device` empty) left by a crash, so cleanup can finish them.
-- `support()` says whether this host can use the backend, and if not, why.
-"""
+"""The mapper: one interface, several ways to turn an RBD image into a block
+device. It chooses a backend (`select_backend`: auto prefers krbd, then nbd,
+qsd, fuse), finds mappings across all of them, and re-exports the backend
+types, whose contract is written down in cephvol.backends.base."""
 
 from __future__ import annotations
 
 import os
 import re
-from abc import ABC, abstractmethod
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
-from typing import Any, ClassVar
 
+from cephvol.backends.base import (
+    BACKEND_NAMES,
+    Backend,
+    HostPaths,
+    MapOptions,
+    Mapping,
+    Support,
+)
 from cephvol.cluster import ClusterConfig
 from cephvol.errors import Unsupported, UsageError
-from cephvol.spec import ImageSpec, parse_spec
+from cephvol.spec import ImageSpec
 
-BACKEND_NAMES = ("krbd", "nbd", "qsd", "fuse")
-
-
-@dataclass(frozen=True)
-class MapOptions:
-    read_only: bool = False
-    # None: the default (krbd: on for writable attaches of images with the
-    # exclusive-lock feature; elsewhere off); True/False: as the operator said
-    exclusive: bool | None = None
-    lock_timeout: int | None = None  # seconds, krbd/nbd exclusive lock wait
-    queue_depth: int | None = None
-    notrim: bool = False
-    io_timeout: int | None = None  # nbd
-    reattach_timeout: int | None = None  # nbd
-
-    def validate(self) -> None:
-        for name in ("lock_timeout", "queue_depth", "io_timeout", "reattach_timeout"):
-            v = getattr(self, name)
-            if v is not None and (not isinstance(v, int) or v <= 0 or v > 86400 * 7):
-                raise UsageError(f"{name.replace('_', '-')} must be a positive whole number")
-        if self.lock_timeout is not None and not self.exclusive:
-            raise UsageError("--lock-timeout only makes sense with --exclusive")
-
-
-@dataclass
-class Mapping:
-    backend: str
-    spec: str
-    device: str  # "" for a half-made mapping found after a crash
-    backend_id: str
-    read_only: bool = False
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def image_spec(self) -> ImageSpec:
-        return parse_spec(self.spec)
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["snapshot"] = self.image_spec.snap
-        return d
-
-
-@dataclass(frozen=True)
-class Support:
-    ok: bool
-    reason: str
-
-
-@dataclass(frozen=True)
-class HostPaths:
-    """Roots of everything a backend reads, so tests can point them elsewhere."""
-
-    state_dir: Path
-    sys_root: Path = Path("/sys")
-    proc_root: Path = Path("/proc")
-    dev_root: Path = Path("/dev")
-
-
-class Backend(ABC):
-    name: ClassVar[str]
-    # True when every mapping the backend finds is cephvol's by construction
-    # (its daemon and file live under cephvol's state dir): a mapping whose
-    # journal was lost is then adopted, not refused as foreign
-    mappings_are_ours: ClassVar[bool] = False
-
-    def __init__(self, paths: HostPaths, cfg: ClusterConfig) -> None:
-        self.paths = paths
-        self.cfg = cfg
-
-    @abstractmethod
-    def support(self) -> Support: ...
-
-    @abstractmethod
-    def map(self, spec: ImageSpec, opts: MapOptions) -> Mapping: ...
-
-    @abstractmethod
-    def unmap(self, mapping: Mapping, *, force: bool = False) -> None: ...
-
-    @abstractmethod
-    def list_mappings(self) -> list[Mapping]: ...
-
-    def orphans(self) -> list[Mapping]:
-        """Mappings of this backend on the host whose image cannot be named
-        (spec ""): their record is gone (state directory removed) and so is
-        the daemon that knew it. `find(spec)` still finds one for the image
-        it belongs to; status lists them so they are never invisible."""
-        return []
-
-    def refresh_size(self, mapping: Mapping) -> None:
-        """Make the device see a grown image. krbd and rbd-nbd follow the
-        image's header by themselves; the loop device of fuse needs a nudge."""
-        return None
-
-    def health(self, mapping: Mapping) -> str | None:
-        """None while the mapping can still carry writes to the cluster, else
-        why not (its userspace daemon died, its connection was aborted). A
-        broken mapping is never reported as attached or detached cleanly:
-        writes queued in it are lost. krbd mappings live in the kernel."""
-        return None
-
-    def stalled(self, mapping: Mapping) -> str | None:
-        """Why the mapping's userspace daemon cannot serve I/O right now
-        although it lives (stopped, traced), or None. Nothing is lost yet,
-        but a flush through it would wait until it is continued: detach
-        says so instead of blaming the cluster after its step bound."""
-        return None
-
-    def abort(self, mapping: Mapping) -> None:
-        """Make I/O that waits on this mapping fail at once instead of waiting
-        for the cluster: used only when nothing it holds can reach the
-        cluster any more (this host was fenced). Kernel mappings fail fenced
-        I/O by themselves; userspace daemons may wait forever."""
-        return None
-
-    def own_pids(self, mapping: Mapping) -> set[int]:
-        """Processes of the backend itself that hold the device open (rbd-nbd
-        does); they are not users when deciding whether it is safe to unmap."""
-        return set()
-
-    def find(self, spec: ImageSpec) -> Mapping | None:
-        for m in self.list_mappings():
-            if m.spec == str(spec):
-                return m
-        return None
+__all__ = ["BACKEND_NAMES", "Backend", "HostPaths", "MapOptions", "Mapping", "Support",
+           "all_backends", "backend_class", "check_device_path", "find_mapping", "list_all",
+           "make_backend", "select_backend"]
 
 
 def backend_class(name: str) -> type[Backend]:

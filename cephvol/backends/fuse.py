@@ -18,6 +18,8 @@ import time
 from pathlib import Path
 
 from cephvol import proc, supervisor
+from cephvol._os import fusectl
+from cephvol.backends.base import Backend, MapOptions, Mapping, Support
 from cephvol.errors import (
     ClusterError,
     NotFound,
@@ -33,7 +35,6 @@ from cephvol.hostfs import (
     read_mounts,
     stopped,
 )
-from cephvol.mapper import Backend, MapOptions, Mapping, Support
 from cephvol.spec import ImageSpec, spec_from_key
 from cephvol.waiting import wait_for
 
@@ -224,15 +225,7 @@ class FuseBackend(Backend):
     def _abort_connection(self, fuse_dir: Path) -> None:
         """Abort rbd-fuse's FUSE connection (fusectl): every request waiting
         on it fails at once instead of sleeping until an OSD answers."""
-        for m in read_mounts(self.paths.proc_root / "self" / "mountinfo"):
-            if m.mountpoint == str(fuse_dir) and m.fstype == FSTYPE:
-                conns = self.paths.sys_root / "fs" / "fuse" / "connections"
-                if not (conns / str(m.minor)).exists():
-                    proc.run(["mount", "-t", "fusectl", "fusectl", str(conns)], check=False,
-                             timeout=10)
-                with contextlib.suppress(OSError):
-                    (conns / str(m.minor) / "abort").write_text("1")
-                return
+        fusectl.abort(str(fuse_dir), FSTYPE, self.paths.proc_root, self.paths.sys_root)
 
     def refresh_size(self, mapping: Mapping) -> None:
         # rbd-fuse reports the new size on stat; the loop device re-reads it

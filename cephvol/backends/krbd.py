@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from cephvol.backends.base import Backend, MapOptions, Mapping, Support
 from cephvol.errors import (
     Busy,
     ClusterError,
@@ -34,7 +35,6 @@ from cephvol.errors import (
     Unsupported,
     UsageError,
 )
-from cephvol.mapper import Backend, MapOptions, Mapping, Support
 from cephvol.spec import ImageSpec
 
 # Options cephvol lets through to the kernel (rbd.c's rbd_opts_tokens and

@@ -12,6 +12,7 @@ import shutil
 from typing import Any
 
 from cephvol import proc, supervisor
+from cephvol.backends.base import Backend, MapOptions, Mapping, Support
 from cephvol.errors import (
     Busy,
     ClusterError,
@@ -20,7 +21,6 @@ from cephvol.errors import (
     SystemCommandError,
     Unsupported,
 )
-from cephvol.mapper import Backend, MapOptions, Mapping, Support
 from cephvol.spec import ImageSpec
 
 

@@ -42,6 +42,8 @@ from pathlib import Path
 from typing import Any
 
 from cephvol import proc, supervisor
+from cephvol._os import fusectl
+from cephvol.backends.base import Backend, MapOptions, Mapping, Support
 from cephvol.errors import (
     Busy,
     CephvolError,
@@ -58,7 +60,6 @@ from cephvol.hostfs import (
     read_mounts,
     stopped,
 )
-from cephvol.mapper import Backend, MapOptions, Mapping, Support
 from cephvol.spec import ImageSpec, parse_spec
 from cephvol.waiting import wait_for
 
@@ -409,15 +410,7 @@ class QsdBackend(Backend):
         self._aborted = True
         target = str(Path(mapping.extra.get("qsd_dir") or self.dir_of(mapping.image_spec))
                      / IMAGE_FILE)
-        for m in read_mounts(self.paths.proc_root / "self" / "mountinfo"):
-            if m.mountpoint == target and m.fstype == "fuse":
-                conns = self.paths.sys_root / "fs" / "fuse" / "connections"
-                if not (conns / str(m.minor)).exists():
-                    proc.run(["mount", "-t", "fusectl", "fusectl", str(conns)], check=False,
-                             timeout=10)
-                with contextlib.suppress(OSError):
-                    (conns / str(m.minor) / "abort").write_text("1")
-                return
+        fusectl.abort(target, "fuse", self.paths.proc_root, self.paths.sys_root)
 
     # -- health and resize ----------------------------------------------------
 

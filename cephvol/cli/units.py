@@ -44,6 +44,13 @@ def app_unit_options(f: Any) -> Any:
         click.option("--fleet", is_flag=True, help="Add an [X-Fleet] section."),
         click.option("--size", help="attach creates the image with this size when it is "
                                     "missing (one unit deploys a volume on an empty cluster)."),
+        click.option("--read-only", is_flag=True,
+                     help="attach --read-only; the container gets the directory read-only "
+                          "(-v ...:ro) or the device readable only (--device ...:r)."),
+        click.option("--owner", metavar="UID[:GID]",
+                     help="attach --owner: the root of the filesystem made at the first "
+                          "attach is owned by UID:GID (for a container running as that "
+                          "user); an existing filesystem is never chowned."),
     ]):
         f = opt(f)
     return f
@@ -81,7 +88,8 @@ def _app_unit(volume: str, kind: str | None, kw: dict[str, Any]) -> Any:
                    style=kw["style"], image=kw["image"], command=kw["command"],
                    mountpoint=kw["mountpoint"], container_path=kw["container_path"],
                    environment=tuple(env), cephvol=_cephvol_path(kw["cephvol_path"]),
-                   runtime=runtime, fleet=kw["fleet"], size=kw["size"])
+                   runtime=runtime, fleet=kw["fleet"], size=kw["size"],
+                   read_only=kw["read_only"], owner=kw["owner"])
 
 
 @units.command(name="render")

@@ -168,7 +168,10 @@ def _expected(c: dict[str, Any]) -> dict[str, Any]:
                "--cap-add SYS_ADMIN")
         run = ("run --rm" if c["kind"] == "docker" else
                "run --rm --replace -d --sdnotify=conmon --cgroups=no-conmon")
-        start = (f"{c['runtime']} {run} --name {name} {vol} {c['image']}"
+        env = ("-e CEPHVOL_IMAGE -e CEPHVOL_FSTYPE -e CEPHVOL_READ_ONLY "
+               + (f"-e CEPHVOL_MOUNTPOINT={c['container_path'] or '/data'}" if bind else
+                  f"-e CEPHVOL_DEVICE={c['container_path'] or '/dev/cephvol'}"))
+        start = (f"{c['runtime']} {run} --name {name} {vol} {env} {c['image']}"
                  + (f" {c['command']}" if c["command"] else ""))
     return {"Description": [f"{name} on Ceph RBD volume {spec}"],
             "Environment": [f'"{k}={v}"' for k, v in c["env"]],
