@@ -452,3 +452,90 @@ def test_size_goes_into_the_attach_line_normalised() -> None:
                   command="/bin/sleep infinity", size="10 G\n")
     with pytest.raises(UsageError):
         render_app(bad)
+
+
+# -- what the container sees (issue 14 item 5) -------------------------------------------
+
+
+def _service(text: str) -> dict[str, list[str]]:
+    """[Service] directives of a rendered unit, read the way systemd reads them."""
+    from cephvol.units import directives
+
+    out: dict[str, list[str]] = {}
+    for section, key, value in directives(text):
+        if section == "Service":
+            out.setdefault(key, []).append(value)
+    return out
+
+
+@needs_analyze
+@pytest.mark.parametrize("kind", ["docker", "podman"])
+@pytest.mark.parametrize("style", ["bind", "device"])
+def test_a_read_only_unit_gives_the_container_a_read_only_volume(tmp_path: Path, kind: str,
+                                                                 style: str) -> None:
+    res = _render(tmp_path, "--for", kind, "--style", style, "--image", "img:1",
+                  "--runtime-path", f"/usr/bin/{kind}", "--read-only", "--container-path",
+                  "/var/lib/app", "--json")
+    assert res.returncode == 0, res.stderr
+    svc = _service((tmp_path / "pg.service").read_text())
+    attach = [v for v in svc["ExecStartPre"] if " attach " in v]
+    assert len(attach) == 1 and " --read-only " in attach[0] and "--owner" not in attach[0]
+    words = svc["ExecStart"][0].split()
+    if style == "bind":
+        assert words[words.index("-v") + 1] == "/srv/cephvol/pg:/var/lib/app:ro"
+    else:
+        assert words[words.index("--device") + 1] == "${CEPHVOL_DEVICE}:/var/lib/app:r"
+    _verify(tmp_path / "pg.service", kind)
+    rw = _cv("units", "render", "rbd/pg", "--for", kind, "--style", style, "--image", "img:1",
+             "-o", "-")
+    run = _service(rw.stdout)["ExecStart"][0].split()
+    assert not any(w.endswith((":ro", ":r")) for w in run) and "--read-only" not in rw.stdout
+
+
+@pytest.mark.parametrize(("kind", "extra"), [
+    ("docker", ["--image", "img"]), ("podman", ["--image", "img", "--style", "device"]),
+    ("plain", ["--command", "/bin/true"]),
+])
+def test_owner_goes_into_the_attach_line_normalised(tmp_path: Path, kind: str,
+                                                   extra: list[str]) -> None:
+    res = _render(tmp_path, "--for", kind, *extra, "--owner", "999")
+    assert res.returncode == 0, res.stderr
+    attach = [v for v in _service((tmp_path / "pg.service").read_text())["ExecStartPre"]
+              if " attach " in v]
+    assert attach[0].split()[-4:] == ["--owner", "999:0", "--env-file", "/run/cephvol/pg.env"]
+
+
+@pytest.mark.parametrize(("args", "needle"), [
+    (["--owner", "nobody"], "--owner 'nobody': expected UID or UID:GID"),
+    (["--owner", "1:4294967295"], "numbers 0 to 4294967294"),
+    (["--owner", "1", "--read-only"], "--read-only unit never makes one"),
+])
+def test_render_refuses_a_bad_owner(tmp_path: Path, args: list[str], needle: str) -> None:
+    _refused(_render(tmp_path, *PLAIN, *args), tmp_path, needle)
+
+
+@pytest.mark.parametrize(("style", "path", "where"), [
+    ("bind", None, "CEPHVOL_MOUNTPOINT=/data"),
+    ("bind", "/var/lib/pg", "CEPHVOL_MOUNTPOINT=/var/lib/pg"),
+    ("device", None, "CEPHVOL_DEVICE=/dev/cephvol"),
+])
+@pytest.mark.parametrize("kind", ["docker", "podman"])
+def test_the_container_is_told_the_env_files_values(tmp_path: Path, kind: str, style: str,
+                                                   path: str | None, where: str) -> None:
+    """-e NAME (value from the unit's EnvironmentFile=, i.e. what attach wrote)
+    for every value that means the same inside the container, and the volume's
+    path as the container sees it; nothing of the host's paths."""
+    from cephvol.envfile import env_lines
+
+    args = ["--for", kind, "--style", style, "--image", "img"]
+    res = _cv("units", "render", "rbd/pg", *args, *(["--container-path", path] if path else []),
+              "-o", "-")
+    assert res.returncode == 0, res.stderr
+    svc = _service(res.stdout)
+    words = svc["ExecStart"][0].split()
+    env = [words[i + 1] for i, w in enumerate(words) if w == "-e"]
+    assert env == ["CEPHVOL_IMAGE", "CEPHVOL_FSTYPE", "CEPHVOL_READ_ONLY", where]
+    assert words.index("-e") > words.index("--name") and words[-1] == "img"
+    written = {ln.split("=")[0] for ln in env_lines({"image": "rbd/pg"}).splitlines()}
+    assert {e.split("=")[0] for e in env} <= written  # only names the env file has
+    assert svc["EnvironmentFile"] == ["-/run/cephvol/pg.env"]

@@ -30,6 +30,7 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 VM_DIR = Path(__file__).resolve().parent
 REPO = VM_DIR.parent.parent
@@ -356,6 +357,38 @@ def _cgroup2_root() -> Path:
     return UNIFIED_CGROUP if UNIFIED_CGROUP.is_dir() else Path("/sys/fs/cgroup")
 
 
+def nspawn_pid1(proc: subprocess.Popen[Any], deadline: float, log: Path | None = None) -> int:
+    """The pid (on this host) of the systemd that `systemd-nspawn -b` started."""
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            tail = Guest._tail(log, 1500) if log else ""
+            raise HarnessError(f"systemd-nspawn exited ({proc.returncode}): {tail}")
+        kids = Path(f"/proc/{proc.pid}/task/{proc.pid}/children")
+        with contextlib.suppress(OSError):
+            for child in kids.read_text().split():
+                if Path(f"/proc/{child}/comm").read_text().strip() == "systemd":
+                    return int(child)
+        time.sleep(0.05)
+    raise HarnessError("systemd did not start in the nspawn container")
+
+
+def power_off_nspawn(proc: subprocess.Popen[Any], root: Path, what: str) -> None:
+    """Stop a container booted by `systemd-nspawn -b`: SIGTERM makes nspawn shut
+    its systemd down cleanly; SIGKILL after 90 s. Then unmount its root,
+    retrying while nspawn lets go of it, and fail if it stays mounted."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=90)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=30)
+    for _ in range(20):
+        if subprocess.run(["umount", str(root)], capture_output=True).returncode == 0:
+            break
+        time.sleep(0.5)
+    assert not os.path.ismount(root), f"{what} left mounted"
+
+
 class NspawnHost:
     """The cached guest image booted by systemd-nspawn (systemd 252 as PID 1,
     this kernel, fuse backend) as a Docker/Podman host. Use as a context
@@ -446,17 +479,7 @@ class NspawnHost:
 
     def _find_pid1(self, deadline: float) -> int:
         assert self._proc is not None
-        while time.monotonic() < deadline:
-            if self._proc.poll() is not None:
-                raise HarnessError(f"systemd-nspawn exited ({self._proc.returncode}): "
-                                   f"{Guest._tail(self.workdir / 'console.log', 1500)}")
-            kids = Path(f"/proc/{self._proc.pid}/task/{self._proc.pid}/children")
-            with contextlib.suppress(OSError):
-                for child in kids.read_text().split():
-                    if Path(f"/proc/{child}/comm").read_text().strip() == "systemd":
-                        return int(child)
-            time.sleep(0.05)
-        raise HarnessError("systemd did not start in the nspawn container")
+        return nspawn_pid1(self._proc, deadline, self.workdir / "console.log")
 
     def run(self, *argv: str, timeout: float = 120, input: str | None = None
             ) -> subprocess.CompletedProcess[str]:

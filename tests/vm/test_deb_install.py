@@ -42,6 +42,7 @@ import pytest
 import cephvol
 from tests.conftest import REPO, CephCluster
 from tests.vm.debroot import cache_root, ensure_root
+from tests.vm.harness import nspawn_pid1, power_off_nspawn
 
 UPGRADE_VERSION = f"{cephvol.__version__}.1"  # Debian and PEP 440 order it after
 DEB = REPO / "dist" / f"cephvol_{cephvol.__version__}_all.deb"
@@ -71,15 +72,6 @@ class Host:
     def installed(self, pkg: str) -> bool:
         cp = self.run("dpkg-query", "-W", "-f=${Status}", pkg)
         return cp.stdout == "install ok installed"
-
-
-def _pid1(nspawn_pid: int, deadline: float) -> int:
-    while time.monotonic() < deadline:
-        for child in Path(f"/proc/{nspawn_pid}/task/{nspawn_pid}/children").read_text().split():
-            if Path(f"/proc/{child}/comm").read_text().strip() == "systemd":
-                return int(child)
-        time.sleep(0.2)
-    raise AssertionError("systemd did not start in the container")
 
 
 @pytest.fixture(scope="module")
@@ -124,7 +116,7 @@ def host(deb: Path, cluster: CephCluster, tmp_path_factory: pytest.TempPathFacto
         stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
     h = None
     try:
-        h = Host(_pid1(proc.pid, time.monotonic() + 60), proc, root)
+        h = Host(nspawn_pid1(proc, time.monotonic() + 60), proc, root)
         h.run("systemctl", "is-system-running", "--wait", timeout=120)  # degraded is fine
         print(f"boot: {time.monotonic() - t0:.1f} s")
         # on a host udev makes the loop nodes; the container's /dev is a private tmpfs
@@ -143,18 +135,8 @@ def host(deb: Path, cluster: CephCluster, tmp_path_factory: pytest.TempPathFacto
                               "printf '[Service]\\nExecStop=\\n' > "
                               "/run/systemd/system/cephvol-cleanup.service.d/test.conf && "
                               "systemctl daemon-reload")
-        proc.terminate()  # nspawn shuts the container's systemd down cleanly
-        try:
-            proc.wait(timeout=90)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=30)
+        power_off_nspawn(proc, root, "overlay root")
         log.close()
-        for _ in range(20):
-            if subprocess.run(["umount", str(root)], capture_output=True).returncode == 0:
-                break
-            time.sleep(0.5)
-        assert not os.path.ismount(root), "overlay root left mounted"
         shutil.rmtree(work, ignore_errors=True)
 
 

@@ -13,7 +13,6 @@ image is never changed.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import time
@@ -25,7 +24,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO, CephCluster
-from tests.vm.harness import ensure_image
+from tests.vm.harness import ensure_image, nspawn_pid1, power_off_nspawn
 
 WRITER = ("/bin/sh -c 'i=0; while true; do echo $i >> \"$CEPHVOL_MOUNTPOINT/log\"; "
           "i=$((i+1)); sync \"$CEPHVOL_MOUNTPOINT/log\"; sleep 0.2; done'")
@@ -50,15 +49,6 @@ class Container:
         return cp.stdout
 
 
-def _pid1(nspawn_pid: int, deadline: float) -> int:
-    while time.monotonic() < deadline:
-        for child in Path(f"/proc/{nspawn_pid}/task/{nspawn_pid}/children").read_text().split():
-            if Path(f"/proc/{child}/comm").read_text().strip() == "systemd":
-                return int(child)
-        time.sleep(0.2)
-    raise AssertionError("systemd did not start in the container")
-
-
 @pytest.fixture(scope="module")
 def container(cluster: CephCluster, tmp_path_factory: pytest.TempPathFactory
               ) -> Iterator[Container]:
@@ -78,7 +68,7 @@ def container(cluster: CephCluster, tmp_path_factory: pytest.TempPathFactory
         stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
     c = None
     try:
-        c = Container(_pid1(proc.pid, time.monotonic() + 60), cluster.conf, proc)
+        c = Container(nspawn_pid1(proc, time.monotonic() + 60), cluster.conf, proc)
         c.run("systemctl", "is-system-running", "--wait", timeout=120)  # degraded is fine
         c.ok("sh", "/opt/cephvol-src/vagrant/provision/install-cephvol.sh", "/opt/cephvol-src")
         c.ok("sh", "-c", "for i in $(seq 0 63); do [ -e /dev/loop$i ] || "
@@ -89,18 +79,8 @@ def container(cluster: CephCluster, tmp_path_factory: pytest.TempPathFactory
     finally:
         if c is not None and proc.poll() is None:
             c.run("cephvol", "cleanup", "--all", "--force", timeout=300)
-        proc.terminate()  # nspawn shuts the container's systemd down cleanly
-        try:
-            proc.wait(timeout=90)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=30)
+        power_off_nspawn(proc, root, "guest image")
         log.close()
-        for _ in range(20):
-            if subprocess.run(["umount", str(root)], capture_output=True).returncode == 0:
-                break
-            time.sleep(0.5)
-        assert not os.path.ismount(root), "guest image left mounted"
 
 
 @pytest.fixture
