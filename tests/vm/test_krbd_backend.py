@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -177,3 +179,48 @@ def test_writable_attach_owns_the_volume_and_maps_exclusive(
             vm_cluster.run([CEPHVOL, "--state-dir", str(state), "detach", image])
     ok(cv(guest_ceph, "detach", image))
     assert json.loads(vm_cluster.cli("owner", image, "--json"))["owner"] is None
+
+
+_HOLD_OPEN = """
+import sys, rados, rbd
+with rados.Rados(conffile=sys.argv[1]) as c, c.open_ioctx("rbd") as io, \\
+        rbd.Image(io, sys.argv[2]) as img:
+    img.write(b"x" * 4096, 1 << 20)
+    img.flush()
+    print("open", flush=True)
+    sys.stdin.read()  # holds the image open (and its watch) until stdin closes
+"""
+
+
+def test_a_writer_on_another_host_blocks_a_writable_krbd_attach(
+        guest_ceph: Guest, image: str, vm_cluster: NsCluster) -> None:
+    """Issue 13.6 on a real kernel: another host (this machine, in the
+    cluster's network namespace) has the image open with librbd and wrote to
+    it. krbd in the guest would take the exclusive lock from that live writer
+    (its writes then fail); cephvol refuses instead, naming the client, and
+    maps nothing. A read-only map is still allowed; without the writer the
+    image holds data blkid cannot name, so a writable attach refuses to
+    format it (exit 10)."""
+    holder = subprocess.Popen(
+        vm_cluster.netns.exec_argv([sys.executable, "-c", _HOLD_OPEN, str(vm_cluster.conf),
+                                    image.split("/")[1]]),
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "open", \
+            holder.stderr.read() if holder.stderr else ""
+        r = cv(guest_ceph, "attach", image, "--mountpoint", "/mnt/w", "--json")
+        assert r.rc == 4, r.stdout + r.stderr
+        err = json.loads(r.stdout)["error"]
+        assert "in use by another client: watched from" in err, err
+        assert ok(guest_ceph.run(["ls", "/sys/bus/rbd/devices"])).strip() == ""
+        assert json.loads(vm_cluster.cli("owner", image, "--json"))["owner"] is None
+        ro = json.loads(ok(cv(guest_ceph, "map", image, "--read-only", "--json")))
+        assert ro["device"].startswith("/dev/rbd") and ro["read_only"]
+        ok(cv(guest_ceph, "unmap", image))
+    finally:
+        if holder.stdin:
+            holder.stdin.close()
+        holder.wait(timeout=60)
+    r = cv(guest_ceph, "attach", image, "--mountpoint", "/mnt/w")
+    assert r.rc == 10, r.stderr
+    assert ok(guest_ceph.run(["ls", "/sys/bus/rbd/devices"])).strip() == ""
