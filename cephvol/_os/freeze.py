@@ -37,6 +37,7 @@ import sys
 import time
 from pathlib import Path
 
+from cephvol import proc
 from cephvol.errors import Busy, StepTimeout, SystemCommandError, Unsupported
 
 FIFREEZE = 0xC0045877  # _IOWR('X', 119, int)
@@ -51,20 +52,24 @@ def _open_dir(mountpoint: str | os.PathLike[str]) -> int:
     return os.open(mountpoint, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
 
 
-def thaw(mountpoint: str | os.PathLike[str]) -> bool:
+def thaw(mountpoint: str | os.PathLike[str], timeout: float | None = None) -> bool:
     """FITHAW the filesystem mounted at `mountpoint`: True if it was frozen
     and is now thawed, False if it was not frozen (the kernel's EINVAL,
-    harmless: thawing is idempotent this way)."""
-    fd = _open_dir(mountpoint)
-    try:
-        fcntl.ioctl(fd, FITHAW, 0)
+    harmless: thawing is idempotent this way).
+
+    In a child (util-linux `fsfreeze --unfreeze`), bounded: FITHAW waits for
+    the superblock's lock, which a flush stuck on an unreachable cluster can
+    hold for as long as the cluster is gone, and a process waiting there
+    cannot even be killed. Past the bound: StepTimeout."""
+    res = proc.run(["fsfreeze", "--unfreeze", str(mountpoint)],
+                   timeout=timeout if timeout is not None else min(10.0, proc.step_timeout()),
+                   check=False, env={"LC_ALL": "C"})  # EINVAL is told by its text
+    if res.returncode == 0:
         return True
-    except OSError as exc:
-        if exc.errno == errno.EINVAL:
-            return False
-        raise SystemCommandError(f"FITHAW {mountpoint} failed: {exc.strerror}") from exc
-    finally:
-        os.close(fd)
+    err = res.stderr.strip()
+    if "Invalid argument" in err:
+        return False
+    raise SystemCommandError(f"thawing {mountpoint} failed: {err or f'exit {res.returncode}'}")
 
 
 class FreezeHolder:
