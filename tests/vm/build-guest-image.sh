@@ -7,8 +7,11 @@
 #                   (10.99.0.2/24 on the virtio NIC), the command agent
 #   OUT/vmlinuz     Debian's kernel (the one linux-image-amd64 depends on)
 #   OUT/initrd.img  busybox + virtio/ext4 modules; mounts /dev/vda, switch_root
-# cephvol itself is not baked in: the harness hands the working tree to every
-# boot on a second disk and install-cephvol.sh installs it from there.
+# cephvol itself is not baked in (the image's cache key does not cover its code): the
+# harness hands every boot a second disk with the working tree's Debian package and
+# vagrant/provision/ (harness.install_tree), mounted at /opt/cephvol-src, and
+# install-cephvol.sh installs the package from there with dpkg (its Depends are in
+# guest-packages.txt) before the command agent starts.
 # Usage: build-guest-image.sh OUT   (run as root; builds in OUT.build, then renames)
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
@@ -56,13 +59,19 @@ install -m 755 "$here/guest-agent.py" "$root/usr/local/sbin/cephvol-guest-agent"
 cat > "$root/etc/systemd/system/cephvol-guest-agent.service" <<'UNIT'
 [Unit]
 Description=cephvol test harness command agent
+# the qemu guest only: an nspawn host boots this image too, where the agent's
+# device never appears and its install would run again ~90 s after boot (the
+# device job's timeout), replacing cephvol under a running test
+ConditionVirtualization=!container
 RequiresMountsFor=/opt/cephvol-src
 Wants=systemd-networkd.service dev-virtio\x2dports-cephvol.agent.device
 After=systemd-networkd.service systemd-modules-load.service dev-virtio\x2dports-cephvol.agent.device
 [Service]
 StandardOutput=journal+console
 StandardError=journal+console
-ExecStartPre=/bin/sh /opt/cephvol-src/vagrant/provision/install-cephvol.sh /opt/cephvol-src
+# dpkg -i (byte-compiling, the postinst starting cephvol-cleanup.service) under TCG
+TimeoutStartSec=240
+ExecStartPre=/bin/sh /opt/cephvol-src/vagrant/provision/install-cephvol.sh --offline /opt/cephvol-src/cephvol.deb
 ExecStart=/usr/local/sbin/cephvol-guest-agent
 Restart=on-failure
 [Install]

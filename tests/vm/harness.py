@@ -1,5 +1,5 @@
 """A real kernel test host: a qemu guest with Debian's kernel (krbd, nbd),
-systemd as PID 1 and cephvol from the working tree.
+systemd as PID 1 and cephvol installed from the working tree's Debian package.
 
 Pieces, each owned and cleaned up here:
 - the guest image, built by build-guest-image.sh from Debian's packages and
@@ -10,7 +10,12 @@ Pieces, each owned and cleaned up here:
   monitor and every OSD directly: nothing listens outside the namespace;
 - the qemu process (TCG, or KVM where the host has a real one), always under
   a deadline, its root disk in snapshot mode so the cached image stays clean;
-- a command channel: a virtio-serial port served by guest-agent.py.
+- a command channel: a virtio-serial port served by guest-agent.py;
+- cephvol itself: `make deb` once per process (session_deb), handed to every
+  test host (qemu guest, nspawn host) with the provisioning scripts
+  (install_tree) and installed by vagrant/provision/install-cephvol.sh with
+  dpkg, as on an operator's host: /usr/bin/cephvol, the units in
+  /lib/systemd/system, cephvol-cleanup.service enabled and started.
 """
 
 from __future__ import annotations
@@ -21,10 +26,12 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import socket
 import subprocess
+import threading
 import time
 import uuid
 from dataclasses import dataclass
@@ -41,6 +48,12 @@ BUILD_INPUTS = (BUILD_SCRIPT, VM_DIR / "guest-agent.py", PROVISION / "guest-pack
 HOST_ADDR = "10.99.0.1"
 GUEST_ADDR = "10.99.0.2"
 BOOT_TIMEOUT = float(os.environ.get("CEPHVOL_VM_BOOT_TIMEOUT", "300"))
+# where a test host finds install_tree(): the qemu guest mounts its second disk
+# there (build-guest-image.sh: fstab, and the unit that installs at boot), an
+# nspawn host gets it bound read-only
+INSTALL_DIR = "/opt/cephvol-src"
+INSTALL_ARGV = ("sh", f"{INSTALL_DIR}/vagrant/provision/install-cephvol.sh", "--offline",
+                f"{INSTALL_DIR}/cephvol.deb")
 
 
 class HarnessError(Exception):
@@ -127,6 +140,61 @@ def ensure_image(timeout: float = 1200) -> GuestImage:
     return img
 
 
+_deb_lock = threading.Lock()
+_deb: Path | HarnessError | None = None
+
+
+def session_deb(timeout: float = 900) -> Path:
+    """cephvol's Debian package, the one every test host installs: $CEPHVOL_DEB
+    when set (built by an earlier CI step), else `make deb` of the working tree
+    (Debian's tools, lintian), run once per process and under a file lock, so
+    that two processes never build in the tree's build/ at once. A failed build
+    is not retried: every host of the process would wait for it again."""
+    global _deb
+    with _deb_lock:
+        if _deb is None:
+            _deb = _build_deb(timeout)
+        if isinstance(_deb, HarnessError):
+            raise _deb
+        return _deb
+
+
+def _build_deb(timeout: float) -> Path | HarnessError:
+    given = os.environ.get("CEPHVOL_DEB")
+    if given:
+        deb = Path(given).absolute()
+        return deb if deb.is_file() else HarnessError(f"$CEPHVOL_DEB: no such file: {deb}")
+    (REPO / "build").mkdir(exist_ok=True)
+    lock = os.open(REPO / "build" / ".deb.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        cp = subprocess.run(["make", "-s", "deb"], cwd=REPO, capture_output=True, text=True,
+                            timeout=timeout, check=False)
+    except subprocess.TimeoutExpired:
+        return HarnessError(f"make deb did not finish in {timeout:.0f} s")
+    finally:
+        os.close(lock)
+    # the tree's version, as the Makefile reads it (not that of whichever cephvol
+    # this process imported)
+    version = re.search(r'^__version__ = "(.*)"$', (REPO / "cephvol" / "__init__.py").read_text(),
+                        re.M)
+    deb = REPO / "dist" / f"cephvol_{version[1] if version else '?'}_all.deb"
+    if cp.returncode != 0 or not deb.is_file():
+        return HarnessError(f"make deb failed ({cp.returncode}): "
+                            f"{(cp.stdout + cp.stderr).strip()[-3000:]}")
+    return deb
+
+
+def install_tree(dest: Path) -> Path:
+    """What a test host installs cephvol from, at INSTALL_DIR inside it: the
+    session's package (as cephvol.deb) and vagrant/provision/ (INSTALL_ARGV).
+    Nothing of the source tree: the host runs what an operator's host runs."""
+    shutil.rmtree(dest, ignore_errors=True)
+    shutil.copytree(PROVISION, dest / "vagrant" / "provision")
+    shutil.copyfile(session_deb(), dest / "cephvol.deb")
+    return dest
+
+
 class NetNS:
     """A network namespace with a tap device for the guest (or only its
     loopback, `tap=False`, for nspawn hosts); removed on exit."""
@@ -202,12 +270,9 @@ class Guest:
         self.stop()
 
     def _source_disk(self) -> Path:
-        """The working tree's cephvol and provisioning scripts on a small ext4 disk."""
-        stage = self.workdir / "src"
-        shutil.rmtree(stage, ignore_errors=True)
-        shutil.copytree(REPO / "cephvol", stage / "cephvol",
-                        ignore=shutil.ignore_patterns("__pycache__"))
-        shutil.copytree(PROVISION, stage / "vagrant" / "provision")
+        """install_tree() on a small ext4 disk; the guest mounts it at INSTALL_DIR
+        and installs the package from it at every boot (build-guest-image.sh)."""
+        stage = install_tree(self.workdir / "src")
         disk = self.workdir / "src.img"
         subprocess.run(["mke2fs", "-q", "-F", "-t", "ext4", "-d", str(stage), str(disk), "64M"],
                        check=True, capture_output=True, timeout=60)
@@ -433,6 +498,7 @@ class NspawnHost:
     def start(self) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.root.mkdir(exist_ok=True)
+        install = install_tree(self.workdir / "install")  # the package, vagrant/provision/
         # losetup, then mount: `mount -o loop` first stats the backing file of
         # every bound loop device, and hangs on one whose FUSE daemon is stopped
         self._loop = subprocess.run(
@@ -450,7 +516,7 @@ class NspawnHost:
                 # nspawn grants with --private-network only; here it is our namespace
                 "--capability=CAP_NET_ADMIN",
                 "--system-call-filter=bpf @keyring",
-                f"--bind-ro={REPO}:/opt/cephvol-src", "--bind=/dev/fuse",
+                f"--bind-ro={install}:{INSTALL_DIR}", "--bind=/dev/fuse",
                 "--bind=/dev/loop-control", "--tmpfs=/var/lib/docker",
                 # the qemu guest's command agent has no port here (and would
                 # install cephvol concurrently with start()): masked
@@ -473,7 +539,7 @@ class NspawnHost:
                 raise HarnessError("systemd in the nspawn container did not finish booting")
             time.sleep(0.1)
         self.boot_seconds = round(time.monotonic() - t0, 1)
-        self.ok("sh", "/opt/cephvol-src/vagrant/provision/install-cephvol.sh", "/opt/cephvol-src")
+        self.ok(*INSTALL_ARGV)  # dpkg -i: the image has the package's Depends
         self.ok("sh", "-c", "for i in $(seq 0 63); do [ -e /dev/loop$i ] || "
                             "mknod -m 660 /dev/loop$i b 7 $i; done")
 

@@ -7,8 +7,8 @@ network, /dev/fuse and /dev/loop-control bound in, loop nodes made inside).
 The cached root is never changed: the container runs on an overlayfs whose
 upper layer is the test's temporary directory. Downloaded .debs are kept in
 the cache (apt's archive directory is bound from there), so a warm run does
-not download Ceph again. The .deb is built by `make deb` ($CEPHVOL_DEB: use
-one built earlier).
+not download Ceph again. The .deb is the one every test host of the session
+installs (harness.session_deb: `make deb` once; $CEPHVOL_DEB: one built earlier).
 
 In the booted container: apt resolves the package with all its Depends and
 Recommends from the Debian archive; the Vagrant hosts' install-cephvol.sh
@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -42,10 +41,9 @@ import pytest
 import cephvol
 from tests.conftest import REPO, CephCluster
 from tests.vm.debroot import cache_root, ensure_root
-from tests.vm.harness import nspawn_pid1, power_off_nspawn
+from tests.vm.harness import nspawn_pid1, power_off_nspawn, session_deb
 
 UPGRADE_VERSION = f"{cephvol.__version__}.1"  # Debian and PEP 440 order it after
-DEB = REPO / "dist" / f"cephvol_{cephvol.__version__}_all.deb"
 PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
@@ -76,19 +74,15 @@ class Host:
 
 @pytest.fixture(scope="module")
 def deb() -> Path:
-    """The package of the working tree, built by `make deb` (Debian's tools, lintian),
-    or the one $CEPHVOL_DEB names."""
+    """The package of the working tree, the one every test host of the session
+    installs (harness.session_deb: `make deb` once, Debian's tools and lintian;
+    or the one $CEPHVOL_DEB names)."""
     if not shutil.which("systemd-nspawn") or not shutil.which("debootstrap"):
         pytest.skip("systemd-nspawn and debootstrap are needed; run scripts/setup")
-    if os.environ.get("CEPHVOL_DEB"):  # built by an earlier CI step
-        return Path(os.environ["CEPHVOL_DEB"]).absolute()
     t0 = time.monotonic()
-    cp = subprocess.run(["make", "-s", "deb"], cwd=REPO, capture_output=True, text=True,
-                        timeout=900, check=False)
-    assert cp.returncode == 0, cp.stdout[-3000:] + cp.stderr[-3000:]
-    assert DEB.is_file()
-    print(f"make deb: {time.monotonic() - t0:.1f} s, {DEB.stat().st_size} bytes")
-    return DEB
+    deb = session_deb()
+    print(f"package {deb}: {deb.stat().st_size} bytes ({time.monotonic() - t0:.1f} s)")
+    return deb
 
 
 @pytest.fixture(scope="module")

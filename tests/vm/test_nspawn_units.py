@@ -1,7 +1,8 @@
 """The unit pattern under a real systemd on *this* machine's kernel: the
-guest image booted by systemd-nspawn (systemd 252 as PID 1), cephvol from the
-working tree, the fuse backend (rbd-fuse + a real loop device), the session's
-dev cluster on 127.0.0.1 (the container shares the host's network).
+guest image booted by systemd-nspawn (systemd 252 as PID 1), cephvol installed
+from the working tree's Debian package (harness.session_deb), the fuse backend
+(rbd-fuse + a real loop device), the session's dev cluster on 127.0.0.1 (the
+container shares the host's network).
 
 What nspawn does not give and the test adds: /dev/fuse and /dev/loop-control
 are bound in, and /dev/loop0..63 are made with mknod inside (on a host, udev
@@ -23,8 +24,15 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, CephCluster
-from tests.vm.harness import ensure_image, nspawn_pid1, power_off_nspawn
+from tests.conftest import CephCluster
+from tests.vm.harness import (
+    INSTALL_ARGV,
+    INSTALL_DIR,
+    ensure_image,
+    install_tree,
+    nspawn_pid1,
+    power_off_nspawn,
+)
 
 WRITER = ("/bin/sh -c 'i=0; while true; do echo $i >> \"$CEPHVOL_MOUNTPOINT/log\"; "
           "i=$((i+1)); sync \"$CEPHVOL_MOUNTPOINT/log\"; sleep 0.2; done'")
@@ -56,6 +64,7 @@ def container(cluster: CephCluster, tmp_path_factory: pytest.TempPathFactory
         pytest.skip("systemd-nspawn is not installed; run scripts/setup")
     image = ensure_image()
     work = Path(tmp_path_factory.mktemp("nspawn"))
+    install = install_tree(work / "install")  # the package and vagrant/provision/
     root = work / "root"
     root.mkdir()
     subprocess.run(["mount", "-o", "loop,ro", str(image.rootfs), str(root)], check=True,
@@ -63,14 +72,17 @@ def container(cluster: CephCluster, tmp_path_factory: pytest.TempPathFactory
     log = open(work / "console.log", "w")
     proc = subprocess.Popen(
         ["systemd-nspawn", "-D", str(root), "--volatile=overlay", "-b", "--register=no",
-         "--keep-unit", f"--bind-ro={REPO}:/opt/cephvol-src",
+         "--keep-unit", f"--bind-ro={install}:{INSTALL_DIR}",
+         # the qemu guest's command agent (it installs the package at boot) has
+         # no port here: masked, the fixture installs it
+         "--bind-ro=/dev/null:/etc/systemd/system/cephvol-guest-agent.service",
          f"--bind={cluster.conf.parent}", "--bind=/dev/fuse", "--bind=/dev/loop-control"],
         stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
     c = None
     try:
         c = Container(nspawn_pid1(proc, time.monotonic() + 60), cluster.conf, proc)
         c.run("systemctl", "is-system-running", "--wait", timeout=120)  # degraded is fine
-        c.ok("sh", "/opt/cephvol-src/vagrant/provision/install-cephvol.sh", "/opt/cephvol-src")
+        c.ok(*INSTALL_ARGV)  # dpkg -i: /usr/bin/cephvol, the units in /lib/systemd/system
         c.ok("sh", "-c", "for i in $(seq 0 63); do [ -e /dev/loop$i ] || "
                          "mknod -m 660 /dev/loop$i b 7 $i; done")
         # as on a host: units find the cluster in /etc/ceph (paths inside are absolute)

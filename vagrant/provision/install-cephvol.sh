@@ -7,17 +7,20 @@
 #       --no-install-recommends, the backends' tools (rbd-fuse, rbd-nbd,
 #       qemu-storage-daemon). --offline: dpkg -i instead, for a host whose
 #       dependencies are already installed and that cannot reach a Debian
-#       mirror (the qemu test guest).
+#       mirror: the test hosts (the qemu guest and the nspawn hosts boot an
+#       image built with guest-packages.txt; tests/vm/harness.py hands them the
+#       session's package and runs `install-cephvol.sh --offline cephvol.deb`).
+#       Either way /usr/bin/cephvol must be the cephvol that PATH finds (units
+#       rendered by `cephvol units` name the one found): checked at the end.
 #   install-cephvol.sh SOURCE_TREE
 #       build the package in the tree (`make deb`: Debian's tools, installed by
 #       scripts/setup-deb) and install dist/cephvol_<version>_all.deb as above.
 #       Vagrant hosts run this on the rsynced repository.
 #
-# A source tree that cannot build a package (no debian/, or read-only: the
-# qemu test guest's source disk, the nspawn test's bind mount) is installed
-# the old way, copied into dist-packages with a wrapper in /usr/local/bin,
-# until the test harness hands its hosts the .deb (see the harness snippet in
-# vagrant/README.md).
+# A source tree that cannot build a package (no debian/, or read-only) is
+# still installed, copied into dist-packages with a wrapper in /usr/local/bin:
+# no units, no dependencies checked. No test host uses that any more; a later
+# install of the package removes such a copy (it would shadow the package).
 set -eu
 offline= norec=
 case ${1:-} in
@@ -45,6 +48,12 @@ install_deb() {
         DEBIAN_FRONTEND=noninteractive apt-get install -y -q $norec "$deb"
     fi
     /usr/bin/cephvol --version
+    found=$(command -v cephvol || true)
+    if [ "$(readlink -f "${found:-/nonexistent}")" != /usr/bin/cephvol ]; then
+        echo "install-cephvol.sh: installed /usr/bin/cephvol, but PATH finds ${found:-no cephvol}" \
+             "first (units would run that one): remove it" >&2
+        exit 1
+    fi
 }
 
 install_copy() {
