@@ -219,6 +219,7 @@ class AppUnit:
     size: str | None = None  # attach creates the image with this size when missing
     read_only: bool = False  # attach --read-only; the container gets it read-only too
     owner: str | None = None  # attach --owner UID[:GID]: a new filesystem's root
+    takeover: bool = False  # attach --takeover: from a dead host (fenced); a live one refuses
 
     def validate(self) -> None:
         if self.kind not in KINDS:
@@ -263,6 +264,9 @@ class AppUnit:
             if self.read_only:
                 raise UsageError("--owner sets the owner of a new filesystem's root; a "
                                  "--read-only unit never makes one")
+        if self.takeover and self.read_only:
+            raise UsageError("--takeover is for writable units (a read-only attach takes "
+                             "no ownership)")
 
     @property
     def host_mountpoint(self) -> str:
@@ -387,7 +391,8 @@ def render_app(unit: AppUnit) -> tuple[str, str]:
         "ATTACH_ARGS": (f" --mountpoint {unit.host_mountpoint}" if bind else "")
         + (f" --size {unit.size}" if unit.size else "")
         + (" --read-only" if unit.read_only else "")
-        + (f" --owner {unit.owner}" if unit.owner else ""),
+        + (f" --owner {unit.owner}" if unit.owner else "")
+        + (" --takeover" if unit.takeover else ""),
         "CONTAINER_ENV": container_env(unit),
     }
     env_lines_ = ""

@@ -51,6 +51,10 @@ def app_unit_options(f: Any) -> Any:
                      help="attach --owner: the root of the filesystem made at the first "
                           "attach is owned by UID:GID (for a container running as that "
                           "user); an existing filesystem is never chowned."),
+        click.option("--takeover", is_flag=True,
+                     help="attach --takeover: a start takes the volume from a dead host "
+                          "(waits for its client to go, fences it); a live owner still "
+                          "makes the start fail."),
     ]):
         f = opt(f)
     return f
@@ -89,7 +93,7 @@ def _app_unit(volume: str, kind: str | None, kw: dict[str, Any]) -> Any:
                    mountpoint=kw["mountpoint"], container_path=kw["container_path"],
                    environment=tuple(env), cephvol=_cephvol_path(kw["cephvol_path"]),
                    runtime=runtime, fleet=kw["fleet"], size=kw["size"],
-                   read_only=kw["read_only"], owner=kw["owner"])
+                   read_only=kw["read_only"], owner=kw["owner"], takeover=kw["takeover"])
 
 
 @units.command(name="render")

@@ -539,3 +539,18 @@ def test_the_container_is_told_the_env_files_values(tmp_path: Path, kind: str, s
     written = {ln.split("=")[0] for ln in env_lines({"image": "rbd/pg"}).splitlines()}
     assert {e.split("=")[0] for e in env} <= written  # only names the env file has
     assert svc["EnvironmentFile"] == ["-/run/cephvol/pg.env"]
+
+
+@needs_analyze
+def test_takeover_goes_into_the_attach_line(tmp_path: Path) -> None:
+    """Issue 14 item 3: the unit of the host a volume moves to after its host died."""
+    res = _render(tmp_path, "--for", "docker", "--image", "img", "--takeover",
+                  "--runtime-path", "/usr/bin/docker")
+    assert res.returncode == 0, res.stderr
+    attach = [v for v in _service((tmp_path / "pg.service").read_text())["ExecStartPre"]
+              if " attach " in v]
+    assert attach[0].split()[-3:] == ["--takeover", "--env-file", "/run/cephvol/pg.env"]
+    _verify(tmp_path / "pg.service", "docker")
+    (tmp_path / "pg.service").unlink()
+    _refused(_render(tmp_path, *PLAIN, "--takeover", "--read-only"), tmp_path,
+             "--takeover is for writable units")

@@ -438,6 +438,142 @@ def test_the_volume_moves_between_two_container_hosts(
         b.run("rm", "-f", f"/etc/systemd/system/{name}.service")
 
 
+@pytest.mark.parametrize("engine", ENGINES)
+def test_what_the_container_sees(chost: NspawnHost, volume: str, engine: str) -> None:
+    """Issue 14 item 5. A unit rendered with `--owner 1000:1000`: its first
+    attach makes the filesystem with the root owned by 1000:1000, and a
+    process of uid 1000 in the container writes there (uid 1001 cannot); the
+    container's environment has CEPHVOL_* with its own view (CEPHVOL_MOUNTPOINT
+    is the path inside). A `--read-only` unit of the same volume: the
+    container sees the data and cannot write ("Read-only file system")."""
+    h, spec = chost, volume
+    name = spec.split("/")[1]
+    rw, ro = f"{name}-rw", f"{name}-ro"
+    keep = "sh -c 'trap \"exit 0\" TERM; while true; do sleep 1 & wait; done'"
+    for unit, extra in ((rw, ["--owner", "1000:1000"]), (ro, ["--read-only"])):
+        h.ok("cephvol", "units", "render", spec, "--for", engine, "--image", IMAGE[engine],
+             "--name", unit, "--command", keep, "--container-path", "/srv/app", *extra,
+             *[a for k, v in h.env.items() for a in ("--setenv", f"{k}={v}")],
+             "-o", "/etc/systemd/system")
+    h.ok("systemctl", "daemon-reload")
+
+    def running(unit: str) -> None:  # docker's Type=exec: started is not yet running
+        _until(f"{unit}'s container to run", lambda: h.run(
+            engine, "exec", unit, "true").returncode == 0 or _state(h, unit) != "active", 60)
+        assert _state(h, unit) == "active", _journal(h, unit)
+
+    _start(h, rw)
+    running(rw)
+    env = dict(ln.split("=", 1) for ln in h.ok(engine, "exec", rw, "env").splitlines()
+               if ln.startswith("CEPHVOL_"))
+    assert env == {"CEPHVOL_IMAGE": spec, "CEPHVOL_FSTYPE": "ext4", "CEPHVOL_READ_ONLY": "0",
+                   "CEPHVOL_MOUNTPOINT": "/srv/app"}, _journal(h, rw)
+    wrote = h.run(engine, "exec", "-u", "1000:1000", rw, "sh", "-c",
+                  "id -u > /srv/app/by-1000 && stat -c %u:%g:%a /srv/app")
+    assert wrote.returncode == 0 and wrote.stdout.strip() == "1000:1000:755", wrote.stderr
+    other = h.run(engine, "exec", "-u", "1001:1001", rw, "sh", "-c", "echo x > /srv/app/x")
+    assert other.returncode != 0 and "Permission denied" in other.stderr, other
+    h.ok("systemctl", "stop", rw, timeout=300)
+    assert _settled(h, rw) == "inactive", _journal(h, rw)
+    _released(h, spec, rw)
+
+    _start(h, ro)
+    running(ro)
+    env = dict(ln.split("=", 1) for ln in h.ok(engine, "exec", ro, "env").splitlines()
+               if ln.startswith("CEPHVOL_"))
+    assert env["CEPHVOL_READ_ONLY"] == "1" and env["CEPHVOL_MOUNTPOINT"] == "/srv/app"
+    assert h.ok(engine, "exec", ro, "cat", "/srv/app/by-1000").strip() == "1000"
+    for user in ("0:0", "1000:1000"):
+        cp = h.run(engine, "exec", "-u", user, ro, "sh", "-c", "echo x > /srv/app/ro")
+        assert cp.returncode != 0 and "Read-only file system" in cp.stderr, (user, cp)
+    h.ok("systemctl", "stop", ro, timeout=300)
+    assert _settled(h, ro) == "inactive", _journal(h, ro)
+    _released(h, spec, ro)
+    mp = f"/srv/check/{name}"
+    h.ok("cephvol", "attach", spec, "--mountpoint", mp)
+    try:
+        files = h.ok("ls", mp).split()
+    finally:
+        h.ok("cephvol", "detach", spec)
+    assert "by-1000" in files and "ro" not in files and "x" not in files, files
+
+
+def _freeze(h: NspawnHost, frozen: bool) -> None:
+    """Freeze (or thaw) the whole container host: systemd, dockerd, the
+    container, rbd-fuse. To the cluster a frozen host is a dead one (its
+    watch expires); thawed, it is the host that wakes and must not write."""
+    (h.cgroup / "cgroup.freeze").write_text("1" if frozen else "0")
+    want = f"frozen {int(frozen)}"
+    _until(f"cgroup.events {want}", lambda: want in (h.cgroup / "cgroup.events")
+           .read_text().splitlines(), 30)
+
+
+def test_a_dead_hosts_volume_moves_with_takeover_and_the_host_is_fenced(
+        site: Site, chost: NspawnHost, volume: str) -> None:
+    """Issue 14 item 3: A's container runs and has written when A dies (frozen:
+    nothing of it runs, its client's watch expires). B's unit, rendered with
+    `--takeover`, starts: it waits for A's client to go, fences it, and its
+    container sees A's line. A wakes: its container's write never reaches the
+    image, and A's unit stops with the failure named."""
+    a, spec = chost, volume
+    name = spec.split("/")[1]
+    with container_host(site, "b", state_dir="/run/cephvol-b") as b:
+        ids = {h: h.ok("cat", "/etc/machine-id").strip() for h in (a, b)}
+        _render(a, spec, "docker", "bind", name, command=_command("bind"))
+        b.ok("cephvol", "units", "render", spec, "--for", "docker", "--style", "bind",
+             "--image", IMAGE["docker"], "--name", name, "--command", _command("bind"),
+             "--takeover", "--setenv", "CEPHVOL_STEP_TIMEOUT=60",
+             *[x for k, v in b.env.items() for x in ("--setenv", f"{k}={v}")],
+             "-o", "/etc/systemd/system")
+        for h in (a, b):
+            h.ok("systemctl", "daemon-reload")
+        _start(a, name)
+        _lines(a, "docker", name, 1)
+        a_addrs = json.loads(a.ok("cephvol", "owner", spec, "--json"))["owner"]["addrs"]
+        assert a_addrs
+
+        t0 = time.monotonic()
+        _freeze(a, True)
+        try:
+            _start(b, name)  # attach --takeover: waits out A's watch, fences A
+            took = time.monotonic() - t0
+            _lines(b, "docker", name, 2)  # B's container sees A's line and adds its own
+            row = json.loads(b.ok("cephvol", "owner", spec, "--json"))
+            assert row["owner"]["host_id"] == ids[b] and row["this_host"]
+            prev = row["owner"]["taken_over_from"]
+            assert prev["host_id"] == ids[a] and sorted(prev["fenced"]) == sorted(a_addrs)
+            assert not prev["forced"]
+        finally:
+            _freeze(a, False)
+        print(f"\ntakeover of a frozen container host by B's unit: {took:.1f} s")
+
+        # A wakes: its container writes on; the write must not reach the image
+        # (rbd-fuse waits on a fenced write rather than failing it: give it
+        # time, then take A's rbd-fuse down, by pid, in A)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            a.run("docker", "exec", name, "sh", "-c", "echo late-from-a >> /data/log; "
+                  "sync /data/log", timeout=20)
+        for pid in a.run("pgrep", "-x", "rbd-fuse").stdout.split():
+            a.run("kill", "-KILL", pid)
+        a.run("systemctl", "stop", name, timeout=300)
+        _settled(a, name)
+        assert "not written" in _journal(a, name) or "lost" in _journal(a, name), \
+            _journal(a, name)
+        assert _failed(a, name) == "exit-code"
+        gone = a.run("cephvol", "detach", "--force", spec, timeout=300)
+        assert gone.returncode in (0, 12), gone.stderr
+        assert [r for r in json.loads(a.ok("cephvol", "status", "--json"))
+                if r["image"] == spec] == []
+        assert json.loads(a.ok("cephvol", "owner", spec, "--json"))["owner"][
+            "host_id"] == ids[b]  # A's cleanup took nothing from B
+
+        b.ok("systemctl", "stop", name, timeout=300)
+        assert _settled(b, name) == "inactive", _journal(b, name)
+        _released(b, spec, name)
+        assert _log(b, spec) == ["start 0", "start 1"]  # no late-from-a
+        b.run("rm", "-f", f"/etc/systemd/system/{name}.service")
+
+
 def test_podman_unit_in_the_krbd_guest(guest_ceph: Guest, vm_image: Callable[[str], str],
                                        tmp_path: Path) -> None:
     """The qemu guest (Debian's kernel, krbd, systemd) runs an engine too: a Podman
