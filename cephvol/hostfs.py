@@ -19,6 +19,8 @@ SYS = Path("/sys")
 
 def _unescape(field: str) -> str:
     r"""mountinfo escapes space, tab, newline and backslash as \ooo octal."""
+    if "\\" not in field:
+        return field  # nearly every field: parsing mountinfo is most of a lookup
     out, i = [], 0
     while i < len(field):
         if field[i] == "\\" and field[i + 1 : i + 4].isdigit():
@@ -151,8 +153,13 @@ class LoopDevice:
         return f"/dev/{self.name}"
 
 
-def read_loop_devices(sys_root: Path = SYS) -> list[LoopDevice]:
-    """Bound loop devices from /sys/block/loop*/loop/backing_file."""
+def read_loop_devices(sys_root: Path = SYS, backing_prefix: str | None = None
+                      ) -> list[LoopDevice]:
+    """Bound loop devices from /sys/block/loop*/loop/backing_file.
+
+    `backing_prefix`: only loops whose backing file starts with it. A backend
+    looking for its own loop reads one file per other loop instead of three
+    (the cost of a lookup grew with every volume attached on the host)."""
     out = []
     block = sys_root / "block"
     try:
@@ -165,6 +172,8 @@ def read_loop_devices(sys_root: Path = SYS) -> list[LoopDevice]:
         d = block / name
         try:
             backing = (d / "loop" / "backing_file").read_text().rstrip("\n")
+            if backing_prefix is not None and not backing.startswith(backing_prefix):
+                continue
             major, minor = (d / "dev").read_text().strip().split(":")
             ro = (d / "ro").read_text().strip() == "1"
         except (OSError, ValueError):
@@ -210,12 +219,15 @@ def processes_using(
             if prefix and _link_under(pid_dir / link_name, prefix):
                 hit = link_name
         if hit is None:
+            # plain strings, not Paths: every fd of every process on the host
+            # is looked at (thousands with a daemon per volume)
+            fd_dir = f"{pid_dir}/fd"
             try:
-                fds = os.listdir(pid_dir / "fd")
+                fds = os.listdir(fd_dir)
             except OSError:
                 fds = []
             for fd in fds:
-                p = pid_dir / "fd" / fd
+                p = f"{fd_dir}/{fd}"
                 if prefix and _link_under(p, prefix):
                     hit = "open file"
                     break
@@ -233,7 +245,7 @@ def processes_using(
     return found
 
 
-def _link_under(link: Path, prefix: str) -> bool:
+def _link_under(link: Path | str, prefix: str) -> bool:
     try:
         target = os.readlink(link)
     except OSError:
@@ -252,15 +264,22 @@ def processes_named(comm: str, proc_root: Path = PROC) -> dict[int, list[str]]:
     """Live processes named `comm` and their argv, in one pass over /proc
     (callers that look for many arguments must not rescan /proc for each)."""
     found: dict[int, list[str]] = {}
+    want = comm.encode()
+    # plain strings and bytes, not Paths: one comm read per process on the
+    # host, on every lookup of a daemon-backed mapping
     for pid_dir in _pid_dirs(proc_root):
-        if _comm(pid_dir) != comm:
-            continue
+        d = str(pid_dir)
         try:
-            argv = (pid_dir / "cmdline").read_bytes().split(b"\0")
-            state = (pid_dir / "stat").read_text().rsplit(")", 1)[1].split()[0]
-        except OSError:
+            with open(f"{d}/comm", "rb") as f:
+                if f.read().strip() != want:
+                    continue
+            with open(f"{d}/cmdline", "rb") as f:
+                argv = f.read().split(b"\0")
+            with open(f"{d}/stat", "rb") as f:
+                state = f.read().rsplit(b")", 1)[1].split()[0]
+        except (OSError, IndexError):
             continue
-        if state not in ("Z", "X"):
+        if state not in (b"Z", b"X"):
             found[int(pid_dir.name)] = [a.decode(errors="replace") for a in argv if a]
     return found
 

@@ -68,20 +68,34 @@ class FuseBackend(Backend):
     # -- discovery -----------------------------------------------------------
 
     def list_mappings(self) -> list[Mapping]:
+        return self._scan()
+
+    def find(self, spec: ImageSpec) -> Mapping | None:
+        # a spec's mapping lives only in its own directory (named by its key):
+        # the other volumes' mounts, loops and daemons are not looked at
+        for m in self._scan(only=str(self.fuse_root / spec.key)):
+            if m.spec == str(spec):
+                return m
+        return None
+
+    def _scan(self, only: str | None = None) -> list[Mapping]:
+        """Every mapping under the fuse root, or the one in directory `only`."""
         root = str(self.fuse_root)
         mounts: dict[str, int] = {}
         for m in read_mounts(self.paths.proc_root / "self" / "mountinfo"):
-            if m.fstype == FSTYPE and os.path.dirname(m.mountpoint) == root:
+            if (m.fstype == FSTYPE and os.path.dirname(m.mountpoint) == root
+                    and (only is None or m.mountpoint == only)):
                 mounts[m.mountpoint] = mounts.get(m.mountpoint, 0) + 1
         loops = {}
-        for lo in read_loop_devices(self.paths.sys_root):
+        for lo in read_loop_devices(self.paths.sys_root, (only or root) + "/"):
             d = os.path.dirname(lo.backing_file)
-            if os.path.dirname(d) == root:
+            if os.path.dirname(d) == root and (only is None or d == only):
                 loops[d] = lo
         fuse_pids: dict[str, int] = {}
-        for pid, argv in sorted(processes_named("rbd-fuse", self.paths.proc_root).items()):
-            for a in argv:
-                fuse_pids.setdefault(a, pid)
+        if mounts or loops:  # nothing of ours on the host: no /proc scan
+            for pid, argv in sorted(processes_named("rbd-fuse", self.paths.proc_root).items()):
+                for a in argv:
+                    fuse_pids.setdefault(a, pid)
         out = []
         for fuse_dir in sorted(set(mounts) | set(loops)):
             try:
@@ -217,7 +231,7 @@ class FuseBackend(Backend):
     def _loop_off(self, image_file: Path) -> None:
         """Free a loop device bound to `image_file` by a map that failed after
         losetup (no device name was learnt)."""
-        for lo in read_loop_devices(self.paths.sys_root):
+        for lo in read_loop_devices(self.paths.sys_root, str(image_file)):
             if lo.backing_file == str(image_file):
                 proc.run(["losetup", "-d", lo.path], timeout=proc.step_timeout(30.0),
                          check=False)
@@ -263,7 +277,8 @@ class FuseBackend(Backend):
         """Wait until loop `name` no longer serves `backing`. The name alone
         is not enough: another attach may take the freed loop at once."""
         if not wait_for(lambda: not any(lo.name == name and lo.backing_file == backing
-                                        for lo in read_loop_devices(self.paths.sys_root)),
+                                        for lo in read_loop_devices(self.paths.sys_root,
+                                                                    backing)),
                         timeout=timeout, interval=0.02, max_interval=0.2):
             raise StepTimeout(f"loop device {name} still bound {timeout:g}s after losetup -d "
                           "(something still holds it open)")
