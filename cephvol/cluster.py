@@ -442,7 +442,7 @@ class Cluster:
         return [{"client": c, "cookie": k, "address": a, "exclusive": bool(raw.get("exclusive"))}
                 for c, k, a in raw.get("lockers", [])]
 
-    def allocated_bytes(self, spec: ImageSpec) -> int:
+    def allocated_bytes(self, spec: ImageSpec, start: int = 0) -> int:
         """Bytes of the image that hold data as librbd sees it (its parent's
         included), whole objects: what decides whether a device blkid calls
         empty is really empty. With the object-map feature (cephvol creates
@@ -461,8 +461,12 @@ class Cluster:
 
         try:
             with self.image(spec) as img:
-                img.diff_iterate(0, img.size(), None, extent, include_parent=True,
-                                 whole_object=True)
+                # `start`: skip a LUKS header (data/encryption.py), which
+                # holds no data of the volume's
+                size = img.size()
+                if start < size:
+                    img.diff_iterate(start, size - start, None, extent, include_parent=True,
+                                     whole_object=True)
         except (rbd.Error, rados.Error) as exc:
             raise _translate(exc, f"image {spec}") from exc
         return total
@@ -686,3 +690,56 @@ class Cluster:
 
         self._image_call(spec, f"flatten {spec}", lambda img: img.flatten(on_progress=cb),
                          read_only=False)
+
+    # -- encryption primitives (the logic is in data/encryption.py) ----------
+
+    def read_raw(self, spec: ImageSpec, offset: int, length: int) -> bytes:
+        """Bytes of the image as stored (no encryption loaded): at most to its end."""
+        def read(img: Any) -> bytes:
+            size = int(img.size())
+            n = max(0, min(length, size - offset))
+            return bytes(img.read(offset, n)) if n else b""
+
+        return self._image_call(spec, f"image {spec}", read)  # type: ignore[no-any-return]
+
+    def encryption_format(self, spec: ImageSpec, luks_version: int, passphrase: bytes) -> None:
+        """Write a LUKS header (AES-256, xts-plain64) protected by `passphrase`
+        at the start of the image (librbd's own encryption). The passphrase
+        goes to librbd only, never into a message."""
+        import rbd
+
+        fmt = rbd.RBD_ENCRYPTION_FORMAT_LUKS2 if luks_version == 2 else \
+            rbd.RBD_ENCRYPTION_FORMAT_LUKS1
+        self._image_call(spec, f"encryption format of {spec}",
+                         lambda img: img.encryption_format(
+                             fmt, passphrase, rbd.RBD_ENCRYPTION_ALGORITHM_AES256),
+                         read_only=False)
+
+    def config_key_get(self, key: str) -> bytes | None:
+        """A value of the monitors' config-key store; None if it is not there."""
+        ret, out, err = self.mon_command({"prefix": "config-key get", "key": key})
+        if ret == -2:
+            return None
+        if ret == -13:
+            raise ClusterError(f"client.{self.cfg.client_id} may not read config-key {key} "
+                               "(needs mon caps: allow command \"config-key get\" with key "
+                               "prefix cephvol/luks/)")
+        if ret != 0:
+            raise ClusterError(f"config-key get {key} failed: {err.strip() or ret}")
+        return bytes(out)
+
+    def config_key_set(self, key: str, value: bytes) -> None:
+        """Store `value` under `key`; the value travels as the command's input
+        buffer, so it is not part of the command the monitors' audit log records."""
+        ret, _out, err = self.mon_command({"prefix": "config-key set", "key": key}, value)
+        if ret == -13:
+            raise ClusterError(f"client.{self.cfg.client_id} may not write config-key {key} "
+                               "(needs mon caps: allow command \"config-key set\" with key "
+                               "prefix cephvol/luks/)")
+        if ret != 0:
+            raise ClusterError(f"config-key set {key} failed: {err.strip() or ret}")
+
+    def config_key_rm(self, key: str) -> None:
+        ret, _out, err = self.mon_command({"prefix": "config-key rm", "key": key})
+        if ret not in (0, -2):
+            raise ClusterError(f"config-key rm {key} failed: {err.strip() or ret}")

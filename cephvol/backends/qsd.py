@@ -26,10 +26,14 @@ Guards, each found by trying:
   QEMU's comma escaping; the QMP socket path (QemuOpts only) doubles commas.
 - The daemon writes its pid file only after the image is open: a daemon
   still connecting is found by its argv instead.
+- An encrypted image (librbd LUKS, cephvol/data/encryption.py) is opened
+  over QMP after the daemon started without it, so its passphrase is never
+  on argv or in a file (see _open_encrypted); its pid file then comes first.
 """
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import dataclasses
 import hashlib
@@ -44,10 +48,12 @@ from typing import Any
 from cephvol import proc, supervisor
 from cephvol._os import fusectl
 from cephvol.backends.base import Backend, MapOptions, Mapping, Support
+from cephvol.data import encryption
 from cephvol.errors import (
     Busy,
     CephvolError,
     ClusterError,
+    Conflict,
     NotFound,
     StepTimeout,
     SystemCommandError,
@@ -68,6 +74,7 @@ COMM = DAEMON[:15]  # the kernel keeps 15 characters of a command name
 RBD_DRIVER = "block-rbd.so"
 NODE = "rbd0"  # block node name inside each daemon (one image per daemon)
 EXPORT = "fuse0"
+SECRET = "luks0"  # QMP secret object, only while an encrypted image is opened
 SPEC_FILE, IMAGE_FILE, QMP_FILE, PID_FILE = "spec", "image", "qmp.sock", "pid"
 SOCKET_PATH_MAX = 107  # sun_path is 108 bytes with the terminating NUL
 
@@ -188,7 +195,9 @@ class QsdBackend(Backend):
         is named by a hash of the image, so the image still finds it."""
         found = None
         d = str(self.dir_of(spec))
-        for m in self._scan():
+        # a spec's mapping lives only in its own directory (_read_spec checks
+        # that the directory is the spec's): the other volumes' are not read
+        for m in self._scan(only=d):
             if m.spec == str(spec):
                 return m
             if not m.spec and m.extra.get("qsd_dir") == d:
@@ -196,22 +205,28 @@ class QsdBackend(Backend):
                                             read_only=m.read_only or spec.read_only)
         return found
 
-    def _scan(self) -> list[Mapping]:
+    def _scan(self, only: str | None = None) -> list[Mapping]:
+        """Every directory of ours, or `only` that one (a lookup by spec)."""
         root = str(self.root)
-        try:
-            dirs = {str(self.root / n) for n in os.listdir(self.root)}
-        except OSError:
-            dirs = set()
+        if only is not None:
+            dirs = {only} if os.path.lexists(only) else set()
+        else:
+            try:
+                dirs = {str(self.root / n) for n in os.listdir(self.root)}
+            except OSError:
+                dirs = set()
         mounts = {os.path.dirname(m.mountpoint) for m in
                   read_mounts(self.paths.proc_root / "self" / "mountinfo")
                   if m.fstype == "fuse" and os.path.dirname(os.path.dirname(m.mountpoint)) == root
-                  and os.path.basename(m.mountpoint) == IMAGE_FILE}
+                  and os.path.basename(m.mountpoint) == IMAGE_FILE
+                  and (only is None or os.path.dirname(m.mountpoint) == only)}
         loops = {}
-        for lo in read_loop_devices(self.paths.sys_root):
+        for lo in read_loop_devices(self.paths.sys_root, (only or root) + "/"):
             # the kernel shows a backing file removed since as "PATH (deleted)"
             backing = lo.backing_file.removesuffix(" (deleted)")
             d = os.path.dirname(backing)
-            if os.path.dirname(d) == root and os.path.basename(backing) == IMAGE_FILE:
+            if (os.path.dirname(d) == root and os.path.basename(backing) == IMAGE_FILE
+                    and (only is None or d == only)):
                 loops[d] = lo
         if not (dirs or mounts or loops):
             return []
@@ -312,6 +327,15 @@ class QsdBackend(Backend):
             self.unmap(existing)
         d = self.dir_of(spec)
         self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        # an encrypted image (data/encryption.py): its key, asked for before
+        # anything of the mapping is made, so a missing key leaves nothing
+        try:
+            unlock = encryption.unlock_for(self.cfg, spec)
+        except ClusterError as exc:
+            if "unreachable" not in exc.message:
+                raise  # a cap or keyring problem says so itself
+            raise ClusterError(f"could not reach the cluster to learn whether {spec} is "
+                               f"encrypted: {exc.message}") from exc
         d.mkdir(exist_ok=True, mode=0o700)
         try:
             self._write_spec(d, spec)
@@ -320,7 +344,7 @@ class QsdBackend(Backend):
             image_file.touch(mode=0o600)
             for stale in (PID_FILE, QMP_FILE):
                 (d / stale).unlink(missing_ok=True)
-            self._start_daemon(d, spec, read_only)
+            self._start_daemon(d, spec, read_only, unlock)
             _crash_point("qsd-daemon")
             ro = ["--read-only"] if read_only else []
             res = proc.run(["losetup", "--find", "--show", "--direct-io=on", *ro,
@@ -365,13 +389,17 @@ class QsdBackend(Backend):
                 "--pidfile", str(d / PID_FILE),
                 "--daemonize"]
 
-    def _start_daemon(self, d: Path, spec: ImageSpec, read_only: bool) -> None:
+    def _start_daemon(self, d: Path, spec: ImageSpec, read_only: bool,
+                      unlock: encryption.Unlock | None = None) -> None:
         t = self.cfg.connect_timeout
         # librados reads CEPH_ARGS when it is created: the only way to bound
         # the monitor connection of QEMU's rbd driver (no blockdev option)
         ceph_args = " ".join(filter(None, [os.environ.get("CEPH_ARGS", ""),
                                            f"--client_mount_timeout={t:g}"]))
         argv = [*supervisor.own_scope_argv("qsd"), *self.daemon_argv(d, spec, read_only)]
+        if unlock is not None:
+            # the image is opened over QMP instead, once the secret is there
+            argv, blockdev, export = _without_image(argv)
         try:
             proc.run(argv, timeout=t + 15, env={"CEPH_ARGS": ceph_args})
         except StepTimeout:
@@ -389,8 +417,45 @@ class QsdBackend(Backend):
         if self._pid_from_file(d) is None:
             raise SystemCommandError(f"qemu-storage-daemon for {spec} exited right after "
                                      "starting; see the client log named in the ceph config")
+        if unlock is not None:
+            self._open_encrypted(d, spec, unlock, blockdev, export, timeout=t + 15)
         if self._file_size(d) <= 0:
             raise SystemCommandError(f"the FUSE export of {spec} shows no image (size 0)")
+
+    def _open_encrypted(self, d: Path, spec: ImageSpec, unlock: encryption.Unlock,
+                        blockdev: dict[str, Any], export: dict[str, Any], *,
+                        timeout: float) -> None:
+        """Open an encrypted image in a daemon started without it: the
+        passphrase goes over the QMP socket (in a 0700 directory) as a secret
+        object, the rbd driver loads librbd's LUKS encryption with it, the
+        secret object is deleted again, then the export is added. So the key
+        is never on the daemon's argv, in its environment or in a file (a
+        secret file would outlive a crash between writing and removing it)."""
+        qmp = Qmp(d / QMP_FILE, timeout=timeout)
+        qmp.execute("object-add", {"qom-type": "secret", "id": SECRET, "format": "base64",
+                                   "data": base64.b64encode(unlock.passphrase).decode()})
+        try:
+            qmp.execute("blockdev-add", {**blockdev, "encrypt": {
+                "format": "luks" if unlock.format == "luks1" else unlock.format,
+                "key-secret": SECRET}})
+        except SystemCommandError as exc:
+            text = str(exc)
+            if "encryption" in text and ("not permitted" in text or "denied" in text):
+                raise Conflict(f"the key stored for {spec.without_snap()} "
+                               f"({encryption.key_name(spec)}) does not open its LUKS header "
+                               "(replaced or wrong key)") from None
+            if any(s in text for s in _CONNECT_FAILURES):
+                raise ClusterError(f"qemu-storage-daemon could not reach the cluster "
+                                   f"(config {self.cfg.conf}): {text}") from exc
+            if any(s in text for s in _MISSING):
+                raise NotFound(f"qemu-storage-daemon cannot open {spec}: {text}") from exc
+            raise SystemCommandError(f"qemu-storage-daemon cannot open encrypted {spec}: "
+                                     f"{text}") from exc
+        finally:
+            with contextlib.suppress(CephvolError):
+                qmp.execute("object-del", {"id": SECRET})
+        _crash_point("qsd-unlock")
+        qmp.execute("block-export-add", export)
 
     def _file_size(self, d: Path) -> int:
         """The export's size, from a child: a stat of a FUSE file whose daemon
@@ -446,6 +511,12 @@ class QsdBackend(Backend):
 
         with Cluster(self.cfg) as c, c.image(mapping.image_spec) as img:
             size = int(img.size())
+            if encryption.read_header(c, mapping.image_spec) is not None:
+                # QEMU would resize through librbd's encryption layer, whose
+                # sizes exclude the LUKS header: not tried, so not done online
+                raise Unsupported(f"{mapping.spec} grew, but its encrypted qsd mapping at "
+                                  f"{mapping.device} keeps the old size until it is "
+                                  "attached again")
         qmp = Qmp(d / QMP_FILE, timeout=proc.step_timeout())
         nodes = qmp.execute("query-named-block-nodes", {"flat": True}) or []
         now = max((n["image"]["virtual-size"] for n in nodes if n.get("node-name") == NODE),
@@ -508,7 +579,7 @@ class QsdBackend(Backend):
 
     def _loop_bound(self, name: str, d: Path) -> bool:
         return any(lo.name == name and os.path.dirname(lo.backing_file) == str(d)
-                   for lo in read_loop_devices(self.paths.sys_root))
+                   for lo in read_loop_devices(self.paths.sys_root, str(d) + "/"))
 
     def _teardown(self, d: Path, pid: int | None = None, *, opening: bool = False) -> None:
         """Stop the daemon and wait for it to exit (librbd flushed and closed
@@ -551,6 +622,20 @@ class QsdBackend(Backend):
         if res.returncode != 0:
             raise Busy(f"cannot unmount the FUSE export {target}: {res.stderr.strip()}")
 
+
+
+def _without_image(argv: list[str]) -> tuple[list[str], dict[str, Any], dict[str, Any]]:
+    """argv without --blockdev and --export, and their options (the QMP
+    blockdev-add and block-export-add take the same JSON)."""
+    out: list[str] = []
+    opts: dict[str, dict[str, Any]] = {}
+    it = iter(argv)
+    for a in it:
+        if a in ("--blockdev", "--export"):
+            opts[a] = json.loads(next(it))
+        else:
+            out.append(a)
+    return out, opts["--blockdev"], opts["--export"]
 
 
 def _autoclear(sys_root: Path, loop: str) -> bool:

@@ -12,6 +12,7 @@ from typing import Any
 
 from cephvol import envfile, fs, hostfs, ownership, supervisor
 from cephvol.cluster import Cluster
+from cephvol.data import encryption
 from cephvol.errors import (
     Busy,
     CephvolError,
@@ -129,7 +130,10 @@ def _attach_locked(host: Host, req: AttachRequest, opts: MapOptions,
     if found:
         backend = found[0]
     else:
-        backend = select_backend(req.backend, host.paths, host.cfg)
+        # an encrypted image needs a backend that can decrypt it: asked only
+        # when the one chosen cannot (krbd, nbd, fuse)
+        backend = select_backend(req.backend, host.paths, host.cfg, what=str(spec),
+                                 encrypted=lambda: encryption.is_encrypted(host.cfg, spec))
         if req.size is not None:
             created = create(host.cfg, spec.without_snap(), req.size)
             if created["created"]:
@@ -390,7 +394,7 @@ def _ensure_filesystem(host: Host, backend: Backend, spec: ImageSpec, st: Volume
         fstype = req.fstype or "ext4"
         if not req.force_mkfs:
             with Cluster(host.cfg) as cluster:
-                used = cluster.allocated_bytes(spec)
+                used = encryption.data_bytes(cluster, spec)  # a LUKS header is no data
             if used:
                 raise Unsafe(f"{spec} ({st.device}) has no signature blkid knows, but "
                              f"{format_size(used)} of it hold data (raw data written "
