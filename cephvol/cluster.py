@@ -273,6 +273,18 @@ class Cluster:
         )
         return ret, out, err
 
+    def _mon_checked(self, cmd: dict[str, Any], inbuf: bytes = b"", *, what: str,
+                     denied: str | None = None, ok: tuple[int, ...] = (0,)) -> tuple[int, bytes]:
+        """A monitor command whose failure is a ClusterError: `denied` (which
+        cap is missing) for EACCES when given, else "`what` failed: reason".
+        Return codes in `ok` are answers, returned with the output."""
+        ret, out, err = self.mon_command(cmd, inbuf)
+        if ret == -13 and denied is not None:
+            raise ClusterError(denied)
+        if ret not in ok:
+            raise ClusterError(f"{what} failed: {err.strip() or ret}")
+        return ret, out
+
     # -- image operations -------------------------------------------------
 
     def create_image(self, spec: ImageSpec, size: int) -> bool:
@@ -532,14 +544,11 @@ class Cluster:
         """Fence a client instance: the OSDs refuse its I/O from now on (and
         drop its watches). Needs mon caps `profile rbd` (or `allow command
         "osd blocklist"`)."""
-        ret, _out, err = self.mon_command({"prefix": "osd blocklist", "blocklistop": "add",
-                                           "addr": addr, "expire": float(expire_s)})
-        if ret == -13:
-            raise ClusterError(f"not allowed to blocklist {addr}: client.{self.cfg.client_id} "
-                               "needs mon caps 'profile rbd' (or allow command "
-                               "\"osd blocklist\") to fence a dead owner")
-        if ret != 0:
-            raise ClusterError(f"osd blocklist add {addr} failed: {err.strip() or ret}")
+        self._mon_checked({"prefix": "osd blocklist", "blocklistop": "add", "addr": addr,
+                           "expire": float(expire_s)}, what=f"osd blocklist add {addr}",
+                          denied=f"not allowed to blocklist {addr}: client.{self.cfg.client_id} "
+                                 "needs mon caps 'profile rbd' (or allow command "
+                                 "\"osd blocklist\") to fence a dead owner")
 
     def list_images(self, spec_pool: ImageSpec) -> list[str]:
         import rados
@@ -717,29 +726,21 @@ class Cluster:
 
     def config_key_get(self, key: str) -> bytes | None:
         """A value of the monitors' config-key store; None if it is not there."""
-        ret, out, err = self.mon_command({"prefix": "config-key get", "key": key})
-        if ret == -2:
-            return None
-        if ret == -13:
-            raise ClusterError(f"client.{self.cfg.client_id} may not read config-key {key} "
-                               "(needs mon caps: allow command \"config-key get\" with key "
-                               "prefix cephvol/luks/)")
-        if ret != 0:
-            raise ClusterError(f"config-key get {key} failed: {err.strip() or ret}")
-        return bytes(out)
+        ret, out = self._mon_checked(
+            {"prefix": "config-key get", "key": key}, what=f"config-key get {key}",
+            denied=f"client.{self.cfg.client_id} may not read config-key {key} (needs mon "
+                   "caps: allow command \"config-key get\" with key prefix cephvol/luks/)",
+            ok=(0, -2))
+        return None if ret == -2 else bytes(out)
 
     def config_key_set(self, key: str, value: bytes) -> None:
         """Store `value` under `key`; the value travels as the command's input
         buffer, so it is not part of the command the monitors' audit log records."""
-        ret, _out, err = self.mon_command({"prefix": "config-key set", "key": key}, value)
-        if ret == -13:
-            raise ClusterError(f"client.{self.cfg.client_id} may not write config-key {key} "
-                               "(needs mon caps: allow command \"config-key set\" with key "
-                               "prefix cephvol/luks/)")
-        if ret != 0:
-            raise ClusterError(f"config-key set {key} failed: {err.strip() or ret}")
+        self._mon_checked(
+            {"prefix": "config-key set", "key": key}, value, what=f"config-key set {key}",
+            denied=f"client.{self.cfg.client_id} may not write config-key {key} (needs mon "
+                   "caps: allow command \"config-key set\" with key prefix cephvol/luks/)")
 
     def config_key_rm(self, key: str) -> None:
-        ret, _out, err = self.mon_command({"prefix": "config-key rm", "key": key})
-        if ret not in (0, -2):
-            raise ClusterError(f"config-key rm {key} failed: {err.strip() or ret}")
+        self._mon_checked({"prefix": "config-key rm", "key": key},
+                          what=f"config-key rm {key}", ok=(0, -2))

@@ -221,14 +221,9 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
 _FAILED = pytest.StashKey[bool]()
 
 
-def _cluster_probe(conf: Path) -> str | None:
+def _write_probe(conf: Path) -> str | None:
     """None when the cluster takes a small write within 30 s, else why not.
     In a child process: a wedged cluster must not hang the test session."""
-    from cephvol.devcluster import DevCluster
-
-    dead = [n for n, pid in DevCluster(conf.parent).daemon_state().items() if pid is None]
-    if dead:
-        return f"{', '.join(dead)} not running"
     try:
         cp = subprocess.run(["rados", "-c", str(conf), "-p", "rbd", "put",
                              "cephvol-suite-probe", "/dev/null"],
@@ -253,15 +248,17 @@ def _session_cluster_survives(request: pytest.FixtureRequest) -> Iterator[None]:
     from cephvol.devcluster import DevCluster
 
     dc = DevCluster(c.conf.parent)
-    if request.node.stash.get(_FAILED, False):
-        why = _cluster_probe(c.conf)
+    dead = [n for n, pid in dc.daemon_state().items() if pid is None]
+    if dead:
+        why: str | None = f"{', '.join(dead)} not running"
+    elif request.node.stash.get(_FAILED, False):
+        why = _write_probe(c.conf)
     else:
-        dead = [n for n, pid in dc.daemon_state().items() if pid is None]
-        why = f"{', '.join(dead)} not running" if dead else None
+        why = None
     if why is None:
         return
     hint = _log_hint(c.conf.parent / "log")
-    if not any(pid is None for pid in dc.daemon_state().values()):
+    if not dead:
         dc.down(timeout=20)  # alive but wedged: restart all of it
     dc.up()
     pytest.fail(f"the session cluster was broken after this test ({why}); restarted it. "

@@ -114,12 +114,13 @@ class Backend(ABC):
     @abstractmethod
     def list_mappings(self) -> list[Mapping]: ...
 
-    def orphans(self) -> list[Mapping]:
-        """Mappings of this backend on the host whose image cannot be named
-        (spec ""): their record is gone (state directory removed) and so is
-        the daemon that knew it. `find(spec)` still finds one for the image
-        it belongs to; status lists them so they are never invisible."""
-        return []
+    def scan(self) -> list[Mapping]:
+        """What list_mappings shows, and also mappings whose image cannot be
+        named (spec ""): their record is gone (state directory removed) and
+        so is the daemon that knew it. `find(spec)` still finds one for the
+        image it belongs to; status lists them so they are never invisible.
+        One pass over the host for both."""
+        return self.list_mappings()
 
     def refresh_size(self, mapping: Mapping) -> None:
         """Make the device see a grown image. krbd and rbd-nbd follow the

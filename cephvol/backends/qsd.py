@@ -187,8 +187,8 @@ class QsdBackend(Backend):
         export mount or a loop device of ours, whole or half-made."""
         return [m for m in self._scan() if m.spec]
 
-    def orphans(self) -> list[Mapping]:
-        return [m for m in self._scan() if not m.spec]
+    def scan(self) -> list[Mapping]:
+        return self._scan()
 
     def find(self, spec: ImageSpec) -> Mapping | None:
         """Also a mapping whose spec file and daemon are gone: its directory
@@ -251,7 +251,7 @@ class QsdBackend(Backend):
                 lo = None
             out.append(Mapping(
                 backend=self.name,
-                spec=str(spec) if spec else "",  # "": an orphan, see orphans()
+                spec=str(spec) if spec else "",  # "": an orphan, see scan()
                 # a loop without its daemon keeps its device: a filesystem
                 # may still be mounted on it, and detach must unmount it
                 device=lo.path if lo else "",
@@ -406,14 +406,7 @@ class QsdBackend(Backend):
             raise ClusterError(f"qemu-storage-daemon did not open {spec} within {t + 15:g}s "
                                f"(config {self.cfg.conf})") from None
         except SystemCommandError as exc:
-            text = str(exc)
-            if any(s in text for s in _CONNECT_FAILURES):
-                raise ClusterError(f"qemu-storage-daemon could not reach the cluster in "
-                                   f"{t:g}s (config {self.cfg.conf}): {text}") from exc
-            if any(s in text for s in _MISSING):
-                raise NotFound(f"qemu-storage-daemon cannot open {spec} (pool, namespace, "
-                               f"image or snapshot missing, or no permission): {text}") from exc
-            raise
+            raise self._open_failure(spec, exc, t) or exc from exc
         if self._pid_from_file(d) is None:
             raise SystemCommandError(f"qemu-storage-daemon for {spec} exited right after "
                                      "starting; see the client log named in the ceph config")
@@ -421,6 +414,19 @@ class QsdBackend(Backend):
             self._open_encrypted(d, spec, unlock, blockdev, export, timeout=t + 15)
         if self._file_size(d) <= 0:
             raise SystemCommandError(f"the FUSE export of {spec} shows no image (size 0)")
+
+    def _open_failure(self, spec: ImageSpec, exc: SystemCommandError, seconds: float
+                      ) -> CephvolError | None:
+        """What the daemon's failure to open `spec` means, from its message:
+        the cluster not reached, or the image not there; None if neither."""
+        text = str(exc)
+        if any(s in text for s in _CONNECT_FAILURES):
+            return ClusterError(f"qemu-storage-daemon could not reach the cluster in "
+                                f"{seconds:g}s (config {self.cfg.conf}): {text}")
+        if any(s in text for s in _MISSING):
+            return NotFound(f"qemu-storage-daemon cannot open {spec} (pool, namespace, "
+                            f"image or snapshot missing, or no permission): {text}")
+        return None
 
     def _open_encrypted(self, d: Path, spec: ImageSpec, unlock: encryption.Unlock,
                         blockdev: dict[str, Any], export: dict[str, Any], *,
@@ -444,13 +450,8 @@ class QsdBackend(Backend):
                 raise Conflict(f"the key stored for {spec.without_snap()} "
                                f"({encryption.key_name(spec)}) does not open its LUKS header "
                                "(replaced or wrong key)") from None
-            if any(s in text for s in _CONNECT_FAILURES):
-                raise ClusterError(f"qemu-storage-daemon could not reach the cluster "
-                                   f"(config {self.cfg.conf}): {text}") from exc
-            if any(s in text for s in _MISSING):
-                raise NotFound(f"qemu-storage-daemon cannot open {spec}: {text}") from exc
-            raise SystemCommandError(f"qemu-storage-daemon cannot open encrypted {spec}: "
-                                     f"{text}") from exc
+            raise self._open_failure(spec, exc, timeout) or SystemCommandError(
+                f"qemu-storage-daemon cannot open encrypted {spec}: {text}") from exc
         finally:
             with contextlib.suppress(CephvolError):
                 qmp.execute("object-del", {"id": SECRET})

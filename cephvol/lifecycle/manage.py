@@ -133,7 +133,11 @@ def status(host: Host) -> list[dict[str, Any]]:
     for b in all_backends(host.paths, host.cfg):
         if not b.mappings_are_ours and not b.support().ok:
             continue
-        for m in b.list_mappings():
+        for m in b.scan():
+            if not m.spec:
+                rows[f"{m.backend}:{m.extra.get('qsd_dir') or m.backend_id}"] = _orphan_row(
+                    host, m)
+                continue
             row = rows.setdefault(m.spec, {"image": m.spec, "device": m.device,
                                            "mountpoint": None, "backend": m.backend,
                                            "phase": "foreign", "fstype": None,
@@ -149,20 +153,6 @@ def status(host: Host) -> list[dict[str, Any]]:
             elif stalled := b.stalled(m):
                 row["phase"] = "stalled"
                 row["problem"] = stalled
-        for m in b.orphans():
-            where = m.extra.get("qsd_dir") or m.backend_id
-            on = None
-            with contextlib.suppress(OSError, ValueError):
-                dev = hostfs.device_number(m.device) if m.device else None
-                on = next((x.mountpoint for x in host.mounts() if x.devnum == dev), None)
-            rows[f"{m.backend}:{where}"] = {
-                "image": None, "device": m.device or None, "mountpoint": on,
-                "backend": m.backend, "phase": "broken", "fstype": None,
-                "read_only": m.read_only, "mapped": bool(m.device), "mounted": False,
-                "problem": f"a {m.backend} mapping ({where}) whose image is recorded nowhere "
-                           "any more (state directory removed?) and whose daemon is gone: "
-                           "writes not yet flushed are lost; `cephvol detach IMAGE` with "
-                           "its image removes it"}
     for path in host.store.corrupt_files():
         rows.setdefault(f"journal:{path.name}", {
             "image": None, "device": None, "mountpoint": None, "backend": None,
@@ -173,6 +163,22 @@ def status(host: Host) -> list[dict[str, Any]]:
     for row in rows.values():
         row["mounted"] = mounted_at(host, row["device"], row["mountpoint"])
     return [rows[k] for k in sorted(rows)]
+
+
+def _orphan_row(host: Host, m: Mapping) -> dict[str, Any]:
+    """A mapping whose image is recorded nowhere (Backend.scan)."""
+    where = m.extra.get("qsd_dir") or m.backend_id
+    on = None
+    with contextlib.suppress(OSError, ValueError):
+        dev = hostfs.device_number(m.device) if m.device else None
+        on = next((x.mountpoint for x in host.mounts() if x.devnum == dev), None)
+    return {"image": None, "device": m.device or None, "mountpoint": on,
+            "backend": m.backend, "phase": "broken", "fstype": None,
+            "read_only": m.read_only, "mapped": bool(m.device), "mounted": False,
+            "problem": f"a {m.backend} mapping ({where}) whose image is recorded nowhere "
+                       "any more (state directory removed?) and whose daemon is gone: "
+                       "writes not yet flushed are lost; `cephvol detach IMAGE` with "
+                       "its image removes it"}
 
 
 def _owner_row(st: VolumeState) -> dict[str, Any] | None:

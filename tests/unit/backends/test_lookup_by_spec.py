@@ -92,7 +92,8 @@ def test_qsd_find_is_the_full_scan_s_answer_for_every_kind_of_mapping(qsd: QsdBa
     assert set(listed) == set(specs)
     for spec in specs:
         assert qsd.find(parse_spec(spec)) == listed[spec], spec
-    (orphan,) = qsd.orphans()
+    (orphan,) = [m for m in qsd.scan() if not m.spec]
+    assert {m.spec for m in qsd.scan() if m.spec} == set(specs)  # one pass shows both
     found = qsd.find(parse_spec("rbd/lost"))
     assert found is not None and found.spec == "rbd/lost" and found.device == "/dev/loop40"
     assert found.extra == orphan.extra
