@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from cephvol import proc, supervisor
-from cephvol._os import fusectl
+from cephvol._os import fusectl, loopdev
 from cephvol.backends.base import Backend, MapOptions, Mapping, Support
 from cephvol.errors import (
     ClusterError,
@@ -256,15 +256,10 @@ class FuseBackend(Backend):
             if mapping.extra.get("fuse_pid"):
                 proc.run(["blockdev", "--flushbufs", mapping.device],
                          timeout=proc.step_timeout(), check=False)
-            proc.run(["losetup", "-d", mapping.device], timeout=proc.step_timeout(),
-                     check=False)
-            try:
-                self._wait_loop_gone(mapping.backend_id, str(image_file_of(fuse_dir,
-                                                                          mapping.image_spec)),
-                                     timeout=3.0 if force else 10.0)
-            except StepTimeout:
-                if not force:
-                    raise
+            backing = str(image_file_of(fuse_dir, mapping.image_spec))
+            if not loopdev.detach(mapping.device,
+                                  lambda: self._loop_serves(mapping.backend_id, backing),
+                                  force=force, timeout=3.0 if force else 10.0):
                 # Forced while a process still holds the loop device open: the
                 # kernel set autoclear, so the loop goes when the last opener
                 # closes it. Detach rbd-fuse lazily; it keeps serving that
@@ -273,15 +268,11 @@ class FuseBackend(Backend):
                 return
         self._teardown_fuse(fuse_dir)
 
-    def _wait_loop_gone(self, name: str, backing: str, timeout: float = 10.0) -> None:
-        """Wait until loop `name` no longer serves `backing`. The name alone
-        is not enough: another attach may take the freed loop at once."""
-        if not wait_for(lambda: not any(lo.name == name and lo.backing_file == backing
-                                        for lo in read_loop_devices(self.paths.sys_root,
-                                                                    backing)),
-                        timeout=timeout, interval=0.02, max_interval=0.2):
-            raise StepTimeout(f"loop device {name} still bound {timeout:g}s after losetup -d "
-                          "(something still holds it open)")
+    def _loop_serves(self, name: str, backing: str) -> bool:
+        """Loop `name` still serves `backing`. The name alone is not
+        enough: another attach may take the freed loop at once."""
+        return any(lo.name == name and lo.backing_file == backing
+                   for lo in read_loop_devices(self.paths.sys_root, backing))
 
     def _unprotect(self, fuse_dir: Path, *, lazy: bool) -> None:
         """Unmount the read-only binds on top of rbd-fuse's own mount."""

@@ -46,7 +46,7 @@ from pathlib import Path
 from typing import Any
 
 from cephvol import proc, supervisor
-from cephvol._os import fusectl
+from cephvol._os import fusectl, loopdev
 from cephvol.backends.base import Backend, MapOptions, Mapping, Support
 from cephvol.data import encryption
 from cephvol.errors import (
@@ -567,14 +567,9 @@ class QsdBackend(Backend):
                     raise SystemCommandError(
                         f"flushing {mapping.device} failed, not unmapping: "
                         f"{res.stderr.strip() or 'exit ' + str(res.returncode)}")
-            proc.run(["losetup", "-d", mapping.device], timeout=proc.step_timeout(),
-                     check=False)
             name = mapping.backend_id or os.path.basename(mapping.device)
-            if not wait_for(lambda: not self._loop_bound(name, d),
-                            timeout=3.0 if force else 10.0, interval=0.02):
-                if not force:
-                    raise StepTimeout(f"loop device {name} still bound after losetup -d "
-                                      "(something still holds it open)")
+            if not loopdev.detach(mapping.device, lambda: self._loop_bound(name, d),
+                                  force=force, timeout=3.0 if force else 10.0):
                 return
         self._teardown(d, pid)
 
