@@ -48,6 +48,7 @@ from typing import Any
 from cephvol import proc, supervisor
 from cephvol._os import fusectl, loopdev
 from cephvol.backends.base import Backend, MapOptions, Mapping, Support
+from cephvol.crashpoint import crash_point as _crash_point
 from cephvol.data import encryption
 from cephvol.errors import (
     Busy,
@@ -76,6 +77,9 @@ NODE = "rbd0"  # block node name inside each daemon (one image per daemon)
 EXPORT = "fuse0"
 SECRET = "luks0"  # QMP secret object, only while an encrypted image is opened
 SPEC_FILE, IMAGE_FILE, QMP_FILE, PID_FILE = "spec", "image", "qmp.sock", "pid"
+# the encryption format of an encrypted image's mapping ("luks2"; never the
+# key), so status and the journal say the device is decrypted data
+ENC_FILE = "encryption"
 SOCKET_PATH_MAX = 107  # sun_path is 108 bytes with the terminating NUL
 
 # Chosen by measurement (fio on the loop device, direct, qd 1 and 16; the
@@ -91,16 +95,10 @@ SOCKET_PATH_MAX = 107  # sun_path is 108 bytes with the terminating NUL
 CACHE = {"direct": True, "no-flush": False}
 
 # test hook (as lifecycle's): SIGKILL ourselves between the steps of a map
-CRASH_ENV = "CEPHVOL_TEST_CRASH_AT"
 
 # qemu-storage-daemon's stderr when the monitors are unreachable or refuse us
 _CONNECT_FAILURES = ("error connecting", "timed out", "authenticat", "Permission denied")
 _MISSING = ("No such file or directory", "error opening pool", "error reading header")
-
-
-def _crash_point(step: str) -> None:
-    if os.environ.get(CRASH_ENV) == step:
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _qemu_opt(value: str) -> str:
@@ -244,6 +242,8 @@ class QsdBackend(Backend):
                 continue  # an empty directory: nothing on the host to show
             extra: dict[str, Any] = {"qsd_dir": d, "qsd_pid": pid,
                                      "export_mounted": d in mounts}
+            with contextlib.suppress(OSError, UnicodeError):
+                extra["encryption"] = (Path(d) / ENC_FILE).read_text().strip()
             if lo and _autoclear(self.paths.sys_root, lo.name):
                 # a forced unmap is waiting for the loop's last opener: the
                 # device is no longer ours to hand out
@@ -339,6 +339,8 @@ class QsdBackend(Backend):
         d.mkdir(exist_ok=True, mode=0o700)
         try:
             self._write_spec(d, spec)
+            if unlock is not None:
+                (d / ENC_FILE).write_text(unlock.format + "\n")
             _crash_point("qsd-dir")
             image_file = d / IMAGE_FILE
             image_file.touch(mode=0o600)
@@ -491,6 +493,9 @@ class QsdBackend(Backend):
             return "the FUSE export of its qemu-storage-daemon was unmounted"
         return None
 
+    def decrypts(self) -> str | None:
+        return None  # QEMU's rbd driver loads librbd's encryption (_open_encrypted)
+
     def stalled(self, mapping: Mapping) -> str | None:
         return stopped(mapping.extra.get("qsd_pid"), "qemu-storage-daemon",
                        self.paths.proc_root)
@@ -603,7 +608,7 @@ class QsdBackend(Backend):
                                   f"{bound:g}s (it flushes to the cluster first)")
         self._umount_export(d)
         with contextlib.suppress(OSError):
-            for name in (PID_FILE, QMP_FILE, IMAGE_FILE, SPEC_FILE):
+            for name in (PID_FILE, QMP_FILE, IMAGE_FILE, SPEC_FILE, ENC_FILE):
                 (d / name).unlink(missing_ok=True)
             d.rmdir()
 

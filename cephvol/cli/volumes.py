@@ -286,6 +286,7 @@ def status(obj: Ctx, as_json: bool) -> None:
     for r in rows:
         lines.append(f"{r['image'] or r.get('journal') or '-':32} {r['backend'] or '-':7} "
                      f"{r['device'] or '-':12} {r['phase']:9} {r['mountpoint'] or '-'}"
+                     + (f"  [{r['encryption']}]" if r.get("encryption") else "")
                      + (f"  ({r['problem']})" if r.get("problem") else ""))
     _emit(rows, as_json, "\n".join(lines))
 

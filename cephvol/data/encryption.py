@@ -27,11 +27,11 @@ from __future__ import annotations
 import base64
 import json
 import os
-import signal
 from dataclasses import dataclass
 from typing import Any
 
 from cephvol.cluster import Cluster, ClusterConfig
+from cephvol.crashpoint import crash_point as _crash_point
 from cephvol.errors import (
     Busy,
     CephvolError,
@@ -48,7 +48,6 @@ PASSPHRASE_BYTES = 32
 _LUKS1_HEADER = 592  # bytes of the LUKS1 binary header
 _LUKS2_BINARY = 4096  # LUKS2 binary header; its JSON area follows, up to hdr_size
 _LUKS2_MAX_HDR = 4 << 20  # a sane bound for hdr_size (cryptsetup's largest is 4 MiB)
-CRASH_ENV = "CEPHVOL_TEST_CRASH_AT"  # test hook, as lifecycle's
 
 
 @dataclass(frozen=True)
@@ -159,11 +158,6 @@ def data_bytes(cluster: Cluster, spec: ImageSpec) -> int:
     the LUKS header does not count (what decides "empty, may mkfs")."""
     hdr = read_header(cluster, spec)
     return cluster.allocated_bytes(spec, start=hdr.data_offset if hdr else 0)
-
-
-def _crash_point(step: str) -> None:
-    if os.environ.get(CRASH_ENV) == step:
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def create_encrypted(cfg: ClusterConfig, spec: ImageSpec, size: int) -> dict[str, Any]:

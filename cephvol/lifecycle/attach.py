@@ -440,6 +440,7 @@ def _result(st: VolumeState, *, already: bool) -> dict[str, Any]:
         "backend_id": st.backend_id,
         "fstype": st.fstype,
         "read_only": st.read_only,
+        "encryption": st.extra.get("encryption"),
         "created_filesystem": bool(st.extra.get("created_filesystem")) and not already,
         "already_attached": already,
     }

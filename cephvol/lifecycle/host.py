@@ -5,13 +5,12 @@ for the fault tests)."""
 from __future__ import annotations
 
 import functools
-import os
-import signal
 from dataclasses import dataclass
 from pathlib import Path
 
 from cephvol import hostfs, ownership, supervisor
 from cephvol.cluster import ClusterConfig
+from cephvol.crashpoint import CRASH_ENV, crash_point  # noqa: F401 (re-exported)
 from cephvol.mapper import (
     Backend,
     HostPaths,
@@ -20,8 +19,6 @@ from cephvol.mapper import (
 )
 from cephvol.spec import ImageSpec
 from cephvol.state import StateStore, VolumeState
-
-CRASH_ENV = "CEPHVOL_TEST_CRASH_AT"  # test hook: SIGKILL ourselves at a named step
 
 
 @dataclass
@@ -46,11 +43,6 @@ class Host:
         return hostfs.read_mounts(self.mountinfo)
 
 
-def crash_point(step: str) -> None:
-    if os.environ.get(CRASH_ENV) == step:
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
 def find_mapping(host: Host, spec: ImageSpec) -> tuple[Backend, Mapping] | None:
     for b in all_backends(host.paths, host.cfg):
         if not b.mappings_are_ours and not b.support().ok:
@@ -63,7 +55,7 @@ def find_mapping(host: Host, spec: ImageSpec) -> tuple[Backend, Mapping] | None:
 
 def event(step: str, spec: ImageSpec, st: VolumeState, message: str) -> None:
     supervisor.event(step, str(spec), message, device=st.device, backend=st.backend,
-                     mountpoint=st.mountpoint)
+                     mountpoint=st.mountpoint, encryption=st.extra.get("encryption"))
 
 
 def mounted_at(host: Host, device: str | None, mountpoint: str | None) -> bool:

@@ -129,7 +129,7 @@ def status(host: Host) -> list[dict[str, Any]]:
         rows[st.spec] = {"image": st.spec, "device": st.device, "mountpoint": st.mountpoint,
                          "backend": st.backend, "phase": st.phase, "fstype": st.fstype,
                          "read_only": st.read_only, "mapped": False, "mounted": False,
-                         "owner": _owner_row(st)}
+                         "encryption": st.extra.get("encryption"), "owner": _owner_row(st)}
     for b in all_backends(host.paths, host.cfg):
         if not b.mappings_are_ours and not b.support().ok:
             continue
@@ -141,8 +141,11 @@ def status(host: Host) -> list[dict[str, Any]]:
             row = rows.setdefault(m.spec, {"image": m.spec, "device": m.device,
                                            "mountpoint": None, "backend": m.backend,
                                            "phase": "foreign", "fstype": None,
-                                           "read_only": m.read_only, "mounted": False})
+                                           "read_only": m.read_only, "mounted": False,
+                                           "encryption": None})
             row["mapped"] = bool(m.device)
+            if m.extra.get("encryption"):
+                row["encryption"] = m.extra["encryption"]
             row["device"] = m.device or row["device"]
             broken = b.health(m)
             if row["phase"] == "foreign" and b.mappings_are_ours:
@@ -156,7 +159,7 @@ def status(host: Host) -> list[dict[str, Any]]:
     for path in host.store.corrupt_files():
         rows.setdefault(f"journal:{path.name}", {
             "image": None, "device": None, "mountpoint": None, "backend": None,
-            "phase": "journal-corrupt", "fstype": None, "read_only": False,
+            "phase": "journal-corrupt", "fstype": None, "read_only": False, "encryption": None,
             "mapped": False, "mounted": False, "journal": str(path),
             "problem": "damaged journal moved aside; the volume is handled from what the "
                        "host shows (remove the file once its volume is detached)"})
@@ -175,6 +178,7 @@ def _orphan_row(host: Host, m: Mapping) -> dict[str, Any]:
     return {"image": None, "device": m.device or None, "mountpoint": on,
             "backend": m.backend, "phase": "broken", "fstype": None,
             "read_only": m.read_only, "mapped": bool(m.device), "mounted": False,
+            "encryption": m.extra.get("encryption"),
             "problem": f"a {m.backend} mapping ({where}) whose image is recorded nowhere "
                        "any more (state directory removed?) and whose daemon is gone: "
                        "writes not yet flushed are lost; `cephvol detach IMAGE` with "

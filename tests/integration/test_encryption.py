@@ -78,6 +78,7 @@ def test_encrypted_round_trip_and_ciphertext_at_rest(cluster: CephCluster, image
     assert cp.returncode == 0, cp.stderr
     att = json.loads(cp.stdout)
     assert att["backend"] == "qsd" and att["created_filesystem"] is True
+    assert att["encryption"] == "luks2"
     outputs += [cp.stdout, cp.stderr]
     marker = b"cephvol-plaintext-marker-" + os.urandom(8).hex().encode()
     (mnt / "marker").write_bytes(marker * 4096)
@@ -95,6 +96,10 @@ def test_encrypted_round_trip_and_ciphertext_at_rest(cluster: CephCluster, image
         assert secret not in f.read_bytes(), f
     st = cluster.cli("status", "--json", check=True)
     outputs.append(st.stdout)
+    row = next(r for r in json.loads(st.stdout) if r["image"] == image)
+    assert row["encryption"] == "luks2" and row["phase"] == "attached"
+    text = cluster.cli("status", check=True).stdout
+    assert f"{image}" in text and "[luks2]" in text
 
     det = cluster.cli("--debug", "detach", image, "--json", CEPHVOL_LOG="stderr")
     assert det.returncode == 0, det.stderr

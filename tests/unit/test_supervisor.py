@@ -83,3 +83,37 @@ def test_stderr_mode_is_quiet_unless_debug(capsys: pytest.CaptureFixture[str]) -
     supervisor.event("map", "rbd/pg", "mapped rbd/pg at /dev/loop3", device="/dev/loop3")
     assert capsys.readouterr().err == "cephvol: mapped rbd/pg at /dev/loop3\n"
     supervisor.configure(False, env={})
+
+
+def test_a_steps_journal_fields_name_its_encryption() -> None:
+    """The fields JournalHandler sends (VOLUME, DEVICE, BACKEND, MOUNTPOINT,
+    STEP, ENCRYPTION) are the log record's extras: read them off a record."""
+    import logging
+
+    from cephvol.lifecycle.host import event
+    from cephvol.spec import parse_spec
+    from cephvol.state import VolumeState
+
+    records: list[logging.LogRecord] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record)
+
+    keep = Keep()
+    supervisor.log.addHandler(keep)
+    old = supervisor.log.level
+    supervisor.log.setLevel(logging.INFO)
+    try:
+        st = VolumeState(spec="rbd/e", conf="/c", client_id="admin", backend="qsd",
+                         device="/dev/loop3", extra={"encryption": "luks2"})
+        event("map", parse_spec("rbd/e"), st, "mapped")
+        st.extra = {}
+        event("map", parse_spec("rbd/e"), st, "mapped")
+    finally:
+        supervisor.log.removeHandler(keep)
+        supervisor.log.setLevel(old)
+    enc, plain = records
+    assert (enc.STEP, enc.VOLUME, enc.BACKEND, enc.ENCRYPTION) == (  # type: ignore[attr-defined]
+        "map", "rbd/e", "qsd", "luks2")
+    assert not hasattr(plain, "ENCRYPTION") and plain.DEVICE == "/dev/loop3"  # type: ignore[attr-defined]
