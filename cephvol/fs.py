@@ -312,8 +312,9 @@ _abandoned_children: list[int] = []
 
 
 def _kernel_reason(lines: list[str], device: str, fstype: str) -> str | None:
-    """The kernel log line about this mount: "EXT4-fs (loop3): ...", "XFS (loop3): ..."."""
-    name = os.path.basename(device)
+    """The kernel log line about this mount: "EXT4-fs (loop3): ...", "XFS (loop3): ..."
+    (the kernel's name: dm-0 for /dev/mapper/NAME)."""
+    name = os.path.basename(os.path.realpath(device))
     tags = (f"({name})", f"{fstype}:", f"{fstype.upper()}-fs", f"{fstype.upper()}:")
     hits = [ln for ln in lines if any(t in ln for t in tags)]
     return hits[-1] if hits else None
@@ -438,10 +439,11 @@ def grow(device: str, fstype: str, mountpoint: str) -> None:
 
 
 def device_size(device: str, sys_root: Path = Path("/sys")) -> int:
-    """Bytes the kernel currently sees for a block device (sysfs counts 512 B sectors)."""
-    name = os.path.basename(device)
+    """Bytes the kernel currently sees for a block device (sysfs counts 512 B
+    sectors), found by its device number: /dev/mapper/NAME has no sysfs name."""
     try:
-        return int((sys_root / "class" / "block" / name / "size").read_text()) * 512
+        major, minor = hostfs.device_number(device)
+        return int((sys_root / "dev" / "block" / f"{major}:{minor}" / "size").read_text()) * 512
     except (OSError, ValueError) as exc:
         raise SystemCommandError(f"cannot read the size of {device} from sysfs") from exc
 

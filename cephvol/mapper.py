@@ -54,19 +54,16 @@ def all_backends(paths: HostPaths, cfg: ClusterConfig) -> list[Backend]:
     return [make_backend(n, paths, cfg) for n in BACKEND_NAMES]
 
 
-# backends that can open librbd's LUKS encryption (cephvol/data/encryption.py):
-# only the one that goes through librbd; krbd and rbd-fuse show ciphertext
-ENCRYPTION_BACKENDS = ("qsd",)
-
-
 def select_backend(name: str, paths: HostPaths, cfg: ClusterConfig, *,
                    encrypted: Callable[[], bool] | None = None,
                    what: str = "the image") -> Backend:
     """`auto`: krbd if the kernel can, else nbd, else qsd, else fuse; a named one must work.
 
     `encrypted` says whether the image is encrypted; it is asked (one
-    cluster read) only when the backend chosen cannot decrypt: `auto` then
-    picks one that can, a named one is refused (exit 9)."""
+    cluster read) only when the backend chosen cannot decrypt
+    (Backend.decrypts: qsd through librbd, krbd through dm-crypt where
+    cryptsetup and device-mapper are there): `auto` then picks one that
+    can, a named one is refused (exit 9)."""
     env = os.environ.get("CEPHVOL_BACKEND")
     if name == "auto" and env:
         name = env
@@ -75,9 +72,10 @@ def select_backend(name: str, paths: HostPaths, cfg: ClusterConfig, *,
         s = b.support()
         if not s.ok:
             raise Unsupported(f"backend {name} cannot run on this host: {s.reason}")
-        if b.name not in ENCRYPTION_BACKENDS and encrypted is not None and encrypted():
-            raise Unsupported(f"{what} is encrypted (librbd LUKS) and the {name} backend "
-                              "cannot decrypt it; use --backend qsd")
+        why = b.decrypts()
+        if why and encrypted is not None and encrypted():
+            raise Unsupported(f"{what} is encrypted (librbd LUKS) and {why}; use "
+                              "--backend qsd (or krbd with cryptsetup)")
         return b
     reasons = []
     usable = []
@@ -87,16 +85,15 @@ def select_backend(name: str, paths: HostPaths, cfg: ClusterConfig, *,
             usable.append(b)
         else:
             reasons.append(f"{b.name}: {s.reason}")
-    if usable and (usable[0].name in ENCRYPTION_BACKENDS or encrypted is None
-                   or not encrypted()):
+    if usable and (usable[0].decrypts() is None or encrypted is None or not encrypted()):
         return usable[0]
     if usable:
         for b in usable:
-            if b.name in ENCRYPTION_BACKENDS:
+            if b.decrypts() is None:
                 return b
-        raise Unsupported(f"{what} is encrypted (librbd LUKS); only the qsd backend can "
-                          "decrypt it, and it cannot run on this host: "
-                          + "; ".join(r for r in reasons if r.startswith("qsd")))
+        raise Unsupported(f"{what} is encrypted (librbd LUKS); no backend here can decrypt "
+                          "it (" + "; ".join(f"{b.name}: {b.decrypts()}" for b in usable)
+                          + "; " + "; ".join(reasons) + ")")
     raise Unsupported("no mapping backend works on this host; " + "; ".join(reasons))
 
 

@@ -114,6 +114,13 @@ class Backend(ABC):
     @abstractmethod
     def list_mappings(self) -> list[Mapping]: ...
 
+    def decrypts(self) -> str | None:
+        """None when map() opens an image librbd encrypted (LUKS,
+        cephvol/data/encryption.py) and hands out the decrypted device; else
+        why not. The mapping of an encrypted image then carries
+        extra["encryption"] (its format, never the key)."""
+        return f"the {self.name} backend cannot decrypt it"
+
     def scan(self) -> list[Mapping]:
         """What list_mappings shows, and also mappings whose image cannot be
         named (spec ""): their record is gone (state directory removed) and

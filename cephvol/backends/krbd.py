@@ -8,12 +8,19 @@ sysfs attributes, its block device awaited with a netlink uevent listener
 (plus a sysfs re-check, so an event that fired before we listened is not
 missed), and /dev/rbdN's major:minor checked against sysfs before use.
 
+An image librbd encrypted (LUKS, cephvol/data/encryption.py) is opened on
+top of /dev/rbdN with dm-crypt (cephvol/_os/dmcrypt.py): the mapping's
+device is then /dev/mapper/cephvol-..., extra["raw_device"] the rbd device
+under it. Its crash points: krbd-map (mapped, not opened: the next attach
+opens it, detach unmaps it) and krbd-luks-close (closed, not unmapped).
+
 Format reference: Documentation/ABI/testing/sysfs-bus-rbd in the kernel, and
 Ceph's src/krbd.cc (which does the same steps for `rbd map`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -25,9 +32,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from cephvol import proc
+from cephvol._os import dmcrypt
 from cephvol.backends.base import Backend, MapOptions, Mapping, Support
+from cephvol.crashpoint import crash_point
 from cephvol.errors import (
     Busy,
+    CephvolError,
     ClusterError,
     NotFound,
     StepTimeout,
@@ -59,6 +70,7 @@ class KrbdDevice:
     minor: int
     client_id: str
     read_only: bool
+    exclusive: bool = False  # mapped with `exclusive`: the kernel never hands the lock over
 
     @property
     def snap(self) -> str | None:
@@ -97,10 +109,14 @@ def read_devices(sys_root: Path) -> list[KrbdDevice]:
         # the block device's ro flag lives under /sys/block/rbdN
         ro_txt = _attr(sys_root / "block" / f"rbd{n}", "ro", "0")
         ro = ro_txt.strip() == "1"
+        # config_info is the map string: "<mons> <options> <pool> <image> <snap>"
+        words = _attr(d, "config_info").split()
+        options = words[1].split(",") if len(words) > 1 else []
         out.append(KrbdDevice(
             dev_id=int(n), pool=_attr(d, "pool"), pool_ns=_attr(d, "pool_ns"),
             name=_attr(d, "name"), current_snap=_attr(d, "current_snap", "-") or "-",
-            major=major, minor=minor, client_id=_attr(d, "client_id"), read_only=ro))
+            major=major, minor=minor, client_id=_attr(d, "client_id"), read_only=ro,
+            exclusive="exclusive" in options))
     return out
 
 
@@ -240,21 +256,42 @@ class KrbdBackend(Backend):
     def list_mappings(self) -> list[Mapping]:
         return [self._mapping(d) for d in read_devices(self.paths.sys_root)]
 
+    def decrypts(self) -> str | None:
+        why = dmcrypt.available(self.paths.sys_root)
+        return f"the krbd backend cannot decrypt it here ({why})" if why else None
+
     def _mapping(self, d: KrbdDevice) -> Mapping:
-        return Mapping(backend=self.name, spec=str(d.spec()),
-                       device=str(self.paths.dev_root / f"rbd{d.dev_id}"),
+        raw = str(self.paths.dev_root / f"rbd{d.dev_id}")
+        extra: dict[str, Any] = {"major": d.major, "minor": d.minor, "client_id": d.client_id,
+                                 "exclusive": d.exclusive}
+        device = raw
+        opened = dmcrypt.holder_of(f"rbd{d.dev_id}", self.paths.sys_root)
+        if opened is not None:
+            device = str(self.paths.dev_root / "mapper" / opened.name)
+            extra.update(raw_device=raw, crypt_name=opened.name, encryption=opened.format)
+        return Mapping(backend=self.name, spec=str(d.spec()), device=device,
                        backend_id=str(d.dev_id), read_only=d.read_only or d.snap is not None,
-                       extra={"major": d.major, "minor": d.minor, "client_id": d.client_id})
+                       extra=extra)
 
     def map(self, spec: ImageSpec, opts: MapOptions) -> Mapping:
+        """Map (idempotent); an encrypted image is also opened with dm-crypt,
+        also when a crash left it mapped but not opened. A failed open
+        unmaps what this call mapped."""
         s = self.support()
         if not s.ok:
             raise Unsupported(s.reason)
         existing = self.find(spec)
-        if existing:
+        if existing and existing.extra.get("crypt_name"):
             return existing
+        from cephvol.data import encryption
+
         read_only = opts.read_only or spec.read_only
-        mons, secret = self._cluster_facts()
+        if existing:
+            unlock = encryption.unlock_for(self.cfg, spec)
+            return self._open(spec, existing, unlock, read_only, made=False)
+        mons, secret, unlock = self._cluster_facts(spec)
+        if unlock is not None and (why := self.decrypts()):
+            raise Unsupported(f"{spec} is encrypted (librbd LUKS) and {why}")
         from cephvol._os.keyctl import add_key
 
         try:
@@ -268,10 +305,38 @@ class KrbdBackend(Backend):
         self.kernel.add(build_add_string(mons, self.cfg.client_id,
                                          kernel_options(opts, read_only), spec))
         dev = self._wait_new_device(spec, before)
-        return self._mapping(dev)
+        crash_point("krbd-map")
+        return self._open(spec, self._mapping(dev), unlock, read_only, made=True)
 
-    def _cluster_facts(self) -> tuple[list[str], bytes]:
+    def _open(self, spec: ImageSpec, m: Mapping, unlock: Any, read_only: bool, *,
+              made: bool) -> Mapping:
+        """Open the LUKS layer of mapped `m` when `unlock` (its format and
+        passphrase) says the image is encrypted; `made`: this call mapped it,
+        so a failure unmaps it again."""
+        if unlock is None:
+            return m
+        try:
+            if why := self.decrypts():
+                raise Unsupported(f"{spec} is encrypted (librbd LUKS) and {why}")
+            dmcrypt.open_luks(m.device, dmcrypt.name_for(spec.key), unlock.passphrase,
+                              read_only=read_only or m.read_only,
+                              timeout=proc.step_timeout(120.0))
+        except CephvolError:
+            if made:
+                with contextlib.suppress(CephvolError):
+                    self.kernel.remove(int(m.backend_id), False)
+            raise
+        opened = self.find(spec)
+        if opened is None or not opened.extra.get("crypt_name"):
+            raise SystemCommandError(f"cryptsetup opened {spec} but sysfs shows no dm-crypt "
+                                     f"device on {m.device}")
+        return opened
+
+    def _cluster_facts(self, spec: ImageSpec) -> tuple[list[str], bytes, Any]:
+        """Monitor addresses, the cephx secret and, for an encrypted image,
+        its Unlock (format and passphrase): one connection for all three."""
         from cephvol.cluster import Cluster
+        from cephvol.data import encryption
         from cephvol.secrets import read_secret
 
         with Cluster(self.cfg) as c:
@@ -279,8 +344,13 @@ class KrbdBackend(Backend):
             if ret != 0:
                 raise ClusterError(f"cannot read the monmap: {err.strip()}")
             keyrings = c.rados.conf_get("keyring").split(",")
-        return mon_v1_addrs(json.loads(out)), read_secret(keyrings,
-                                                          f"client.{self.cfg.client_id}")
+            unlock = None
+            with contextlib.suppress(NotFound):  # the map that follows says what is missing
+                hdr = encryption.read_header(c, spec)
+                if hdr is not None:
+                    unlock = encryption.Unlock(hdr.format, encryption.passphrase(c, spec))
+        return (mon_v1_addrs(json.loads(out)),
+                read_secret(keyrings, f"client.{self.cfg.client_id}"), unlock)
 
     def _wait_new_device(self, spec: ImageSpec, before: set[int],
                          timeout: float = 30.0) -> KrbdDevice:
@@ -318,7 +388,34 @@ class KrbdBackend(Backend):
         return (os.major(st.st_rdev), os.minor(st.st_rdev)) == (want_major, want_minor)
 
     def unmap(self, mapping: Mapping, *, force: bool = False) -> None:
+        """Close the dm-crypt layer (flushing it) if there is one, then
+        unmap. Forced while the opened device is in use: its removal is
+        deferred to its last close and the rbd device goes at once (I/O
+        still queued fails, as with any forced krbd unmap)."""
+        name = mapping.extra.get("crypt_name")
+        if name:
+            res = proc.run(["blockdev", "--flushbufs", mapping.device],
+                           timeout=proc.step_timeout(), check=False)
+            if res.returncode != 0 and not force:
+                raise SystemCommandError(f"flushing {mapping.device} failed, not unmapping: "
+                                         f"{res.stderr.strip() or 'exit ' + str(res.returncode)}")
+            try:
+                dmcrypt.close(name, timeout=proc.step_timeout())
+            except Busy:
+                if not force:
+                    raise
+                dmcrypt.close(name, timeout=proc.step_timeout(), deferred=True)
+            crash_point("krbd-luks-close")
         self.kernel.remove(int(mapping.backend_id), force)
+
+    def refresh_size(self, mapping: Mapping) -> None:
+        if mapping.extra.get("crypt_name"):
+            # dm-crypt keeps its size until `cryptsetup resize`, which a
+            # LUKS2 volume key kept in the kernel keyring may need the
+            # passphrase for: not tried, so not done online
+            raise Unsupported(f"{mapping.spec} grew, but its encrypted krbd mapping at "
+                              f"{mapping.device} keeps the old size until it is attached "
+                              "again")
 
 
 def _block_devnum(sys_root: Path, d: KrbdDevice) -> tuple[int, int]:

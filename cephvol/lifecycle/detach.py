@@ -370,7 +370,7 @@ def _umount_copy(host: Host, step: Step, force: bool) -> None:
 
 def _check_unused(host: Host, device: str, ignore_pids: set[int] | None = None) -> None:
     devnum = hostfs.device_number(device)
-    name = os.path.basename(device)
+    name = os.path.basename(os.path.realpath(device))  # /dev/mapper/X -> dm-N
     by_ns = _mounts_by_ns(devnum, host.paths.proc_root)
     _, mine = by_ns.pop(os.readlink(host.paths.proc_root / "self" / "ns" / "mnt"), (0, []))
     if mine:

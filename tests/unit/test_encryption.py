@@ -79,9 +79,13 @@ def test_daemon_argv_without_the_image_keeps_everything_else(tmp_path: Path) -> 
 
 class _Fake(Backend):
     ok = True
+    can_decrypt = False
 
     def support(self) -> Support:
         return Support(self.ok, "fine" if self.ok else "not here")
+
+    def decrypts(self) -> str | None:
+        return None if self.can_decrypt or self.name == "qsd" else super().decrypts()
 
     def map(self, spec, opts):  # type: ignore[no-untyped-def]
         raise AssertionError("not mapped in these tests")
@@ -93,11 +97,14 @@ class _Fake(Backend):
         return []
 
 
-def _fakes(monkeypatch: pytest.MonkeyPatch, usable: set[str]) -> None:
-    """Backends whose support() is decided by the test (the selection logic,
-    not this host's kernel, is what is tested)."""
+def _fakes(monkeypatch: pytest.MonkeyPatch, usable: set[str],
+           decrypting: frozenset[str] = frozenset()) -> None:
+    """Backends whose support() and decrypts() are decided by the test (the
+    selection logic, not this host's kernel, is what is tested); qsd always
+    decrypts, as the real one."""
     def make(name: str, paths: HostPaths, cfg: ClusterConfig) -> Backend:
-        cls = type(f"Fake{name}", (_Fake,), {"name": name, "ok": name in usable})
+        cls = type(f"Fake{name}", (_Fake,), {"name": name, "ok": name in usable,
+                                             "can_decrypt": name in decrypting})
         return cls(paths, cfg)
 
     monkeypatch.setattr(mapper, "make_backend", make)
@@ -140,3 +147,17 @@ def test_a_named_backend_that_cannot_decrypt_is_refused(
                                  encrypted=lambda: False).name == name
     assert mapper.select_backend("qsd", HostPaths(tmp_path), ClusterConfig(),
                                  encrypted=_never).name == "qsd"
+
+
+def test_krbd_with_dm_crypt_keeps_an_encrypted_image(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Where cryptsetup and device-mapper are there, krbd decrypts: auto keeps
+    it without asking, and naming it is allowed."""
+    paths, cfg = HostPaths(tmp_path), ClusterConfig()
+    _fakes(monkeypatch, {"krbd", "qsd", "fuse"}, decrypting=frozenset({"krbd"}))
+    assert mapper.select_backend("auto", paths, cfg, encrypted=_never).name == "krbd"
+    assert mapper.select_backend("krbd", paths, cfg, encrypted=_never).name == "krbd"
+    _fakes(monkeypatch, {"krbd", "fuse"})  # no cryptsetup, no qsd: refused, saying why
+    with pytest.raises(Unsupported) as e:
+        mapper.select_backend("auto", paths, cfg, encrypted=lambda: True, what="rbd/x")
+    assert "krbd: the krbd backend cannot decrypt it" in e.value.message

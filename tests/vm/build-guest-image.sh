@@ -44,7 +44,7 @@ echo cephvol-guest > "$root/etc/hostname"
 printf '/dev/vda / ext4 rw,errors=remount-ro 0 1\n/dev/vdb /opt/cephvol-src ext4 ro,nofail 0 0\n' \
     > "$root/etc/fstab"
 mkdir -p "$root/opt/cephvol-src"
-printf 'virtio_console\nvirtio_net\nrbd\nnbd\nloop\nfuse\n' > "$root/etc/modules-load.d/cephvol.conf"
+printf 'virtio_console\nvirtio_net\nrbd\nnbd\nloop\nfuse\ndm_mod\ndm_crypt\n' > "$root/etc/modules-load.d/cephvol.conf"
 cat > "$root/etc/systemd/network/10-test.network" <<'NET'
 [Match]
 Type=ether
