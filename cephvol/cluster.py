@@ -596,10 +596,22 @@ class Cluster:
                 raise _translate(exc, what) from exc
 
     def snapshot_create(self, spec: ImageSpec) -> None:
-        """Create snapshot spec.snap (exists already: Conflict, exit 5)."""
+        """Create snapshot spec.snap (exists already: Conflict, exit 5). Busy
+        (4) when a client holds the image's exclusive lock and does not hand
+        it over (krbd mapped with `exclusive`): librbd needs the lock to
+        snapshot an image with the exclusive-lock feature."""
+        import rbd
+
         assert spec.snap
-        self._image_call(spec.without_snap(), f"snapshot {spec}",
-                         lambda img: img.create_snap(spec.snap), read_only=False)
+        try:
+            self._image_call(spec.without_snap(), f"snapshot {spec}",
+                             lambda img: img.create_snap(spec.snap), read_only=False)
+        except CephvolError as exc:
+            if not isinstance(exc.__cause__, rbd.ReadOnlyImage):
+                raise
+            raise Busy(f"cannot snapshot {spec.without_snap()}: a client holds its exclusive "
+                       "lock and does not hand it over (a krbd mapping made with "
+                       "--exclusive); detach it, or attach it with --no-exclusive") from None
 
     def snapshot_list(self, spec: ImageSpec) -> list[dict[str, Any]]:
         """The image's user snapshots (not the trash of clone v2), oldest first."""

@@ -33,6 +33,7 @@ from typing import Any
 from cephvol import hostfs, ownership, supervisor
 from cephvol._os import freeze
 from cephvol.cluster import Cluster, ClusterConfig
+from cephvol.crashpoint import CRASH_ENV
 from cephvol.errors import (
     Busy,
     CephvolError,
@@ -47,7 +48,6 @@ from cephvol.proc import step_timeout
 from cephvol.spec import ImageSpec
 from cephvol.state import VolumeState, file_stem, read_regular, write_json
 
-CRASH_ENV = "CEPHVOL_TEST_CRASH_AT"  # test hook, as lifecycle's: SIGKILL at a named step
 DEFAULT_FREEZE_BOUND = 30.0  # seconds a filesystem may stay frozen, at most
 ORIGIN_KEY = "cephvol.origin"  # image metadata of a clone: the snapshot it came from
 
@@ -216,6 +216,17 @@ def _freeze_target(host: Any, st: VolumeState | None) -> tuple[str, str] | None:
     return st.mountpoint, _devnum_text(dev)
 
 
+def _refuse_unhanded_lock(host: Any, spec: ImageSpec) -> None:
+    """librbd must take the image's exclusive lock to snapshot it; a krbd
+    mapping made with `exclusive` never hands it over: refused here, before
+    anything is frozen, instead of failing with EROFS under the freeze."""
+    found = find_mapping(spec, host.paths, host.cfg)
+    if found is not None and found.extra.get("exclusive"):
+        raise Busy(f"cannot snapshot {spec} while it is attached here with krbd's exclusive "
+                   "lock (the kernel does not hand it over); attach it with --no-exclusive "
+                   "to take consistent snapshots while attached")
+
+
 def create(host: Any, spec: ImageSpec, *, bound: float = DEFAULT_FREEZE_BOUND
            ) -> dict[str, Any]:
     """Snapshot spec.snap of the image; consistent (frozen) if mounted here.
@@ -241,6 +252,7 @@ def create(host: Any, spec: ImageSpec, *, bound: float = DEFAULT_FREEZE_BOUND
             supervisor.event("snapshot", str(head), f"snapshot {spec} created (not mounted "
                              "here: crash-consistent)")
             return res
+        _refuse_unhanded_lock(host, head)
         return _create_frozen(host, spec, target[0], target[1], bound, res)
 
 

@@ -7,10 +7,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Callable
+import uuid
+from collections.abc import Callable, Iterator
 
 import pytest
 
+from tests.vm.conftest import NsCluster
 from tests.vm.harness import Guest
 from tests.vm.test_krbd_backend import cv, ok
 
@@ -21,6 +23,24 @@ DETACH_STEPS = ["detach-sync", "detach-umount", "detach-check-unused", "detach-u
 @pytest.fixture
 def fimage(vm_image: Callable[[str], str]) -> str:
     return vm_image("f")
+
+
+@pytest.fixture(scope="module")
+def with_data(guest_ceph: Guest, vm_cluster: NsCluster) -> Iterator[tuple[str, str]]:
+    """One volume holding 1 MiB of data and its digest, shared by the attach
+    matrix's steps after mkfs (each ends with the volume detached and
+    checked whole): one guest attach/write/detach for all of them."""
+    spec = f"rbd/fd-{uuid.uuid4().hex[:8]}"
+    vm_cluster.cli("create", spec, "--size", "64M")
+    try:
+        ok(cv(guest_ceph, "attach", spec, "--mountpoint", "/mnt/f"))
+        ok(guest_ceph.run(["sh", "-c", "head -c 1048576 /dev/urandom > /mnt/f/data"]))
+        digest = ok(guest_ceph.run(["sha256sum", "/mnt/f/data"])).split()[0]
+        ok(cv(guest_ceph, "detach", spec))
+        yield spec, digest
+    finally:
+        guest_ceph.run(["cephvol", "detach", "--force", spec], timeout=120)
+        vm_cluster.run(["cephvol", "rm", spec])
 
 
 def _clean(g: Guest) -> None:
@@ -34,13 +54,11 @@ def _crash(g: Guest, *args: str, at: str) -> int:
 
 
 @pytest.mark.parametrize("step", ATTACH_STEPS)
-def test_attach_killed_at(step: str, guest_ceph: Guest, fimage: str) -> None:
-    digest = ""
-    if step != "mkfs":  # a volume with content (mkfs is only reached on an empty one)
-        ok(cv(guest_ceph, "attach", fimage, "--mountpoint", "/mnt/f"))
-        ok(guest_ceph.run(["sh", "-c", "head -c 1048576 /dev/urandom > /mnt/f/data"]))
-        digest = ok(guest_ceph.run(["sha256sum", "/mnt/f/data"])).split()[0]
-        ok(cv(guest_ceph, "detach", fimage))
+def test_attach_killed_at(step: str, guest_ceph: Guest, request: pytest.FixtureRequest) -> None:
+    if step == "mkfs":  # mkfs is only reached on an empty volume
+        fimage, digest = request.getfixturevalue("fimage"), ""
+    else:  # a volume with content
+        fimage, digest = request.getfixturevalue("with_data")
     assert _crash(guest_ceph, "attach", fimage, "--mountpoint", "/mnt/f", at=step) == -9
     ok(cv(guest_ceph, "detach", fimage))
     _clean(guest_ceph)
