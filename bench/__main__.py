@@ -92,6 +92,8 @@ def main() -> None:
     ap.add_argument("--backends", default="",
                     help="comma list [every backend of qsd, fuse that runs here]")
     ap.add_argument("--no-fio", action="store_true")
+    ap.add_argument("--only-encryption", action="store_true",
+                    help="only the cost of encryption (qsd: plain against LUKS2)")
     ap.add_argument("--profile", action="store_true",
                     help="cProfile one attach and detach at the lowest and highest level")
     ap.add_argument("--out", default=str(REPO / "bench" / "results"))
@@ -297,6 +299,11 @@ def bench_all(work: Path, env: dict[str, str], a: argparse.Namespace,
               backends: list[str], r: dict[str, Any]) -> dict[str, Any]:
     r.update({"date": time.strftime("%Y-%m-%d"), "machine": machine(),
               "backends": backends, "load_before": os.getloadavg()[0]})
+    if "qsd" in backends:
+        r["encryption"] = encryption_bench(work, env, max(3, a.runs // 3))
+    if a.only_encryption:
+        r["load_after"] = os.getloadavg()[0]
+        return r
     r["startup"] = startup_bench(env, a.runs * 2)
     r["refusals"] = refusal_bench(work, env, a.runs)
     scale = [int(x) for x in a.scale.split(",") if x]
@@ -527,6 +534,40 @@ def fio_bench(work: Path, env: dict[str, str], backends: list[str]) -> dict[str,
     return {"rbd_bench": rbd_rows, "volumes": rows}
 
 
+def encryption_bench(work: Path, env: dict[str, str], rounds: int) -> dict[str, Any]:
+    """What encryption costs on the qsd backend (librbd LUKS2, the only one
+    that decrypts on this host): `cephvol map` (the encrypted open pays the
+    LUKS2 key derivation), and dd of 256 MiB (bs 4M, direct I/O) written and
+    read back through the device, median of `rounds` map/dd/unmap rounds of
+    a plain and an encrypted image of the same size, run alternately."""
+    size = 256 << 20
+    run([CEPHVOL, "create", "rbd/bench-plain", "--size", "320M"], env)
+    run([CEPHVOL, "create", "rbd/bench-luks", "--size", "320M", "--encrypt"], env)
+    out: dict[str, dict[str, list[float]]] = {
+        k: {"map_s": [], "write_MBps": [], "read_MBps": []} for k in ("plain", "luks2")}
+    for _ in range(rounds):
+        for kind, image in (("plain", "rbd/bench-plain"), ("luks2", "rbd/bench-luks")):
+            t0 = time.monotonic()
+            m = json.loads(run([CEPHVOL, "map", image, "--backend", "qsd", "--json"], env))
+            out[kind]["map_s"].append(time.monotonic() - t0)
+            try:
+                dev = m["device"]
+                for verb, argv in (
+                        ("write_MBps", ["dd", "if=/dev/zero", f"of={dev}", "bs=4M",
+                                        f"count={size >> 22}", "oflag=direct", "conv=fsync"]),
+                        ("read_MBps", ["dd", f"if={dev}", "of=/dev/null", "bs=4M",
+                                       f"count={size >> 22}", "iflag=direct"])):
+                    t0 = time.monotonic()
+                    run(argv, env)
+                    out[kind][verb].append(size / 1e6 / (time.monotonic() - t0))
+            finally:
+                run([CEPHVOL, "unmap", image], env, check=False)
+    res: dict[str, Any] = {"rounds": rounds, "MiB": size >> 20}
+    for kind, cols in out.items():
+        res[kind] = {k: round(statistics.median(v), 2) for k, v in cols.items()}
+    return res
+
+
 def machine() -> str:
     return (f"{platform.node() or 'host'}: {os.cpu_count()} cores, kernel "
             f"{platform.release()}, Python {platform.python_version()}")
@@ -539,7 +580,7 @@ def _target(ok: bool) -> str:
 def write(r: dict[str, Any], out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(r, indent=1) + "\n")
-    for b, pb in r["per_backend"].items():
+    for b, pb in r.get("per_backend", {}).items():
         for n, prof in pb.get("profiles", {}).items():
             for verb, text in prof.items():
                 (out / f"profile-{b}-{verb}-{n}.txt").write_text(text)
@@ -548,7 +589,25 @@ def write(r: dict[str, Any], out: Path) -> None:
     print("\n".join(lines))
 
 
+def _encryption_lines(r: dict[str, Any]) -> list[str]:
+    if "encryption" not in r:
+        return []
+    e = r["encryption"]
+    p, k = e["plain"], e["luks2"]
+    return ["", f"Encryption on qsd (median of {e['rounds']} map/dd/unmap rounds, dd of "
+            f"{e['MiB']} MiB, bs 4M, direct I/O):", "",
+            "| qsd | map s | write MB/s | read MB/s |", "|---|---|---|---|",
+            f"| plain | {p['map_s']} | {p['write_MBps']:.0f} | {p['read_MBps']:.0f} |",
+            f"| LUKS2 | {k['map_s']} | {k['write_MBps']:.0f} "
+            f"({k['write_MBps'] / p['write_MBps'] - 1:+.0%}) | {k['read_MBps']:.0f} "
+            f"({k['read_MBps'] / p['read_MBps'] - 1:+.0%}) |"]
+
+
 def render(r: dict[str, Any]) -> list[str]:
+    if "startup" not in r:  # --only-encryption
+        return [f"Benchmarks {r['date']} on {r['machine']} (load average "
+                f"{r['load_before']:.1f} before, {r['load_after']:.1f} after; "
+                f"{r['bench_seconds']} s)", *_encryption_lines(r)]
     s = r["startup"]
     lines = [f"Benchmarks {r['date']} on {r['machine']} (local dev cluster, bluestore; "
              f"load average {r['load_before']:.1f} before, {r['load_after']:.1f} after; "
@@ -606,6 +665,7 @@ def render(r: dict[str, Any]) -> list[str]:
                          f"{'x' if sp else ''}{mark} | "
                          f"{row.get('sequential_detach_s', '-')} | {row['concurrent_detach_s']} "
                          f"| {row.get('detach_speedup', '-')}{'x' if sp else ''} |")
+    lines += _encryption_lines(r)
     fa = r["first_attach"]
     lines += ["", f"First attach (create + mkfs + mount, {fa['1G']['backend']}): 1 GiB "
               f"{fa['1G']['ms']} ms, 100 GiB {fa['100G']['ms']} ms.", "",
