@@ -344,11 +344,7 @@ class KrbdBackend(Backend):
             if ret != 0:
                 raise ClusterError(f"cannot read the monmap: {err.strip()}")
             keyrings = c.rados.conf_get("keyring").split(",")
-            unlock = None
-            with contextlib.suppress(NotFound):  # the map that follows says what is missing
-                hdr = encryption.read_header(c, spec)
-                if hdr is not None:
-                    unlock = encryption.Unlock(hdr.format, encryption.passphrase(c, spec))
+            unlock = encryption.unlock_in(c, spec)
         return (mon_v1_addrs(json.loads(out)),
                 read_secret(keyrings, f"client.{self.cfg.client_id}"), unlock)
 

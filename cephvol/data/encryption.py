@@ -144,13 +144,18 @@ def passphrase(cluster: Cluster, spec: ImageSpec) -> bytes:
 def unlock_for(cfg: ClusterConfig, spec: ImageSpec) -> Unlock | None:
     """None for a plain image; else its format and passphrase (one connection)."""
     with Cluster(cfg) as cluster:
-        try:
-            hdr = read_header(cluster, spec)
-        except NotFound:
-            return None  # no image: the map that follows says what is missing
-        if hdr is None:
-            return None
-        return Unlock(hdr.format, passphrase(cluster, spec))
+        return unlock_in(cluster, spec)
+
+
+def unlock_in(cluster: Cluster, spec: ImageSpec) -> Unlock | None:
+    """unlock_for on a connection the caller already holds."""
+    try:
+        hdr = read_header(cluster, spec)
+    except NotFound:
+        return None  # no image: the map that follows says what is missing
+    if hdr is None:
+        return None
+    return Unlock(hdr.format, passphrase(cluster, spec))
 
 
 def data_bytes(cluster: Cluster, spec: ImageSpec) -> int:
