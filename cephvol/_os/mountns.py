@@ -16,12 +16,14 @@ Python 3.11 has no os.setns, hence ctypes (as in netns.py).
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import json
 import os
 import re
 import signal
+import stat
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -36,6 +38,10 @@ PROC = Path("/proc")
 # exit codes of the child, beside an errno from umount2 (all below 64)
 _NOT_THAT_MOUNT = 100  # after setns, the path is not a mount of the device
 _SETNS_FAILED = 101
+_CHILD_FAILED = 102  # anything else; the child writes why to a pipe
+# what a mount whose FUSE daemon died answers to stat (the kernel's fuse
+# returns ENOTCONN once the connection is aborted; EIO while it is torn down)
+_DEAD_MOUNT = (errno.ENOTCONN, errno.EIO)
 
 
 @dataclass(frozen=True)
@@ -226,13 +232,20 @@ def umount_copy(pid: int, ns: str, mountpoint: str, devnum: tuple[int, int], *,
             return  # pid reused: the namespace we saw is gone
         libc = ctypes.CDLL(None, use_errno=True)  # loaded before the fork
         setns, umount2 = libc.setns, libc.umount2
+        rd, wr = os.pipe()
         child = os.fork()
         if child == 0:  # pragma: no cover - runs in the child, reported by exit code
-            code = _child(fd, mountpoint, devnum, setns, umount2)
+            os.close(rd)
+            code = _child(fd, mountpoint, devnum, setns, umount2, wr)
             os._exit(code)
+        os.close(wr)
     finally:
         os.close(fd)
-    code = _wait(child, timeout)
+    try:
+        code = _wait(child, timeout)
+        why = os.read(rd, 512).decode(errors="replace").strip()
+    finally:
+        os.close(rd)
     if code == 0 or code == errno.EINVAL:  # EINVAL: no longer a mount point
         return
     if code == errno.EBUSY:
@@ -242,27 +255,58 @@ def umount_copy(pid: int, ns: str, mountpoint: str, devnum: tuple[int, int], *,
     if code == _NOT_THAT_MOUNT:
         raise NotFound(f"{mountpoint} in the mount namespace of pid {pid} is not a mount "
                        "of the volume any more; not unmounting it")
-    what = "setns" if code == _SETNS_FAILED else os.strerror(code)
+    what = {_SETNS_FAILED: "setns failed", _CHILD_FAILED: why or "the helper failed"}.get(
+        code, os.strerror(code))
     raise SystemCommandError(f"cannot unmount {mountpoint} in the mount namespace of "
                              f"pid {pid}: {what}")
 
 
 def _child(fd: int, mountpoint: str, devnum: tuple[int, int],
-           setns: Callable[..., int], umount2: Callable[..., int]) -> int:  # pragma: no cover
+           setns: Callable[..., int], umount2: Callable[..., int],
+           report: int) -> int:  # pragma: no cover - runs in a forked child
+    """Exit code: 0, an errno of umount2, or one of ours (above 64); on
+    _CHILD_FAILED the reason goes to `report` (exit codes are too narrow to
+    carry it, and errno 1 would read as EPERM)."""
     try:
         if setns(fd, CLONE_NEWNS) != 0:
             return _SETNS_FAILED
-        st = os.stat(mountpoint, follow_symlinks=False)
-        up = os.stat(os.path.dirname(mountpoint.rstrip("/")) or "/", follow_symlinks=False)
-        if (os.major(st.st_dev), os.minor(st.st_dev)) != devnum or up.st_dev == st.st_dev:
+        if not is_mount_of(mountpoint, devnum):
             return _NOT_THAT_MOUNT
         if umount2(mountpoint.encode(), UMOUNT_NOFOLLOW) != 0:
-            return ctypes.get_errno() or 1
+            return ctypes.get_errno() or _CHILD_FAILED
         return 0
     except FileNotFoundError:
         return errno.ENOENT
-    except BaseException:
-        return 1
+    except BaseException as exc:  # reported, never raised out of a fork
+        with contextlib.suppress(OSError):
+            os.write(report, f"{type(exc).__name__}: {exc}"[:500].encode())
+        return _CHILD_FAILED
+
+
+def is_mount_of(path: str, devnum: tuple[int, int],
+                mountinfo: Path = PROC / "self" / "mountinfo") -> bool:
+    """Whether `path` is, in the calling process's mount namespace, the root
+    of a mount of the filesystem `devnum` (not a symlink to one: a path inside
+    a container can be a link the container made).
+
+    stat answers that for a live filesystem. A FUSE mount whose daemon died
+    (a crashed rbd-fuse) answers ENOTCONN to everything, its root included;
+    then the namespace's mount table decides: the topmost mount at exactly
+    that path must be of `devnum`, and the parent directory must not be a
+    link (mountinfo names mounts by their real paths)."""
+    parent = os.path.dirname(path.rstrip("/")) or "/"
+    up = os.stat(parent, follow_symlinks=False)
+    if not stat.S_ISDIR(up.st_mode) or os.path.realpath(parent) != parent:
+        return False
+    try:
+        st = os.stat(path, follow_symlinks=False)
+    except OSError as exc:
+        if exc.errno not in _DEAD_MOUNT:
+            raise
+        at = [m for m in parse_mountinfo(mountinfo.read_text()) if m.mountpoint == path]
+        top = max(at, key=lambda m: m.mount_id, default=None)
+        return top is not None and top.devnum == devnum
+    return (os.major(st.st_dev), os.minor(st.st_dev)) == devnum and up.st_dev != st.st_dev
 
 
 def _wait(child: int, timeout: float) -> int:

@@ -105,6 +105,41 @@ def test_dead_rbd_fuse_is_never_reported_as_attached_or_detached(
     cluster.cli("detach", image, check=True)
 
 
+def test_forced_detach_removes_copies_of_a_dead_rbd_fuse_in_other_namespaces(
+        cluster: CephCluster, image: str, mnt: Path) -> None:
+    """Issue 13.5: a process that made a mount namespace while the volume was
+    mounted (as `ip netns exec` does for every command) holds copies of both
+    the volume's mount and rbd-fuse's. With rbd-fuse killed, the copy of its
+    mount answers ENOTCONN to stat; the forced detach still recognises it by
+    that namespace's mount table and unmounts it there (it said "Operation
+    not permitted" and left the volume behind)."""
+    cluster.cli("create", image, "--size", "64M", check=True)
+    _attach(cluster, image, mnt)
+    holder = subprocess.Popen(["unshare", "--mount", "--propagation", "private",
+                               "sleep", "300"])
+    try:
+        key = image.replace("/", ",-,", 1)
+        fuse_dir = str(cluster.state_dir / "fuse" / key)
+        info = Path(f"/proc/{holder.pid}/mountinfo")
+        end = time.monotonic() + 30
+        while str(mnt) not in info.read_text() and time.monotonic() < end:
+            time.sleep(0.05)  # unshare execs sleep once the namespace is made
+        assert str(mnt) in info.read_text() and fuse_dir in info.read_text()
+        pid = _fuse_pid(cluster, image)
+        os.kill(pid, signal.SIGKILL)
+        _wait_dead(pid)
+        forced = cluster.cli("detach", image, "--force", "--json")
+        assert forced.returncode == 12, forced.stdout + forced.stderr
+        assert "lost" in json.loads(forced.stdout)["error"]
+        left = info.read_text()
+        assert str(mnt) not in left and fuse_dir not in left, left
+        assert holder.poll() is None, "the namespace's process is not touched"
+        _nothing_left(cluster, image, mnt)
+    finally:
+        holder.kill()
+        holder.wait()
+
+
 def test_cleanup_reports_a_dead_rbd_fuse_as_a_failure(
         cluster: CephCluster, image: str, mnt: Path) -> None:
     cluster.cli("create", image, "--size", "64M", check=True)
