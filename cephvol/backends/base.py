@@ -16,6 +16,8 @@ Backend contract (modelled on os-brick's connect_volume/disconnect_volume):
 - `unmap(mapping, force)` removes the device. The caller (cleanup) has
   already checked that nothing mounts or holds it; `force` is passed on only
   when the operator asked. Unmapping something already gone is not an error.
+  It starts with `flush_before_unmap` (below): unforced, a failed flush
+  leaves the mapping in place and raises.
 - `list_mappings()` reports what the kernel shows, including half-made
   mappings (`device` empty) left by a crash, so cleanup can finish them.
 - `support()` says whether this host can use the backend, and if not, why.
@@ -23,13 +25,15 @@ Backend contract (modelled on os-brick's connect_volume/disconnect_volume):
 
 from __future__ import annotations
 
+import logging
 from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
+from cephvol import proc, supervisor
 from cephvol.cluster import ClusterConfig
-from cephvol.errors import UsageError
+from cephvol.errors import DataLost, StepTimeout, UsageError
 from cephvol.spec import ImageSpec, parse_spec
 
 BACKEND_NAMES = ("krbd", "nbd", "qsd", "fuse")
@@ -165,3 +169,41 @@ class Backend(ABC):
             if m.spec == str(spec):
                 return m
         return None
+
+
+def flush_before_unmap(mapping: Mapping, *, force: bool) -> str | None:
+    """Write out what the page cache holds for the mapping's device before
+    it goes, the step every backend's unmap starts with: `sync DEV` (fsync,
+    which reports a write-back error not yet seen, as from the filesystem's
+    last writes at umount), then `blockdev --flushbufs DEV` (drops the cache;
+    BLKFLSBUF ignores write errors, so it alone would call a failed flush
+    good). A failed flush means writes did not reach the device: unforced,
+    nothing is unmapped (DataLost, exit 12, with the tool's own reason, so
+    detach never says "detached" over lost writes); forced, the unmap goes
+    on and the failure is logged (journald) and returned, never passed over.
+    Each step is a bounded child: a flush stuck on a lost cluster ends."""
+    why = None
+    for argv in (["sync", mapping.device], ["blockdev", "--flushbufs", mapping.device]):
+        try:
+            res = proc.run(argv, timeout=proc.step_timeout(), check=False)
+        except StepTimeout as exc:
+            if not force:
+                raise StepTimeout(f"flushing {mapping.device} did not finish within "
+                                  f"{proc.step_timeout():g}s, not unmapping (--force "
+                                  "unmaps anyway)") from exc
+            why = exc.message
+            break
+        if res.returncode != 0:
+            err = res.stderr.strip()
+            why = err.splitlines()[-1] if err else f"{argv[0]} exit {res.returncode}"
+            break
+    if why is None:
+        return None
+    if not force:
+        raise DataLost(f"flushing {mapping.device} failed ({why}): writes were not written; "
+                       "not unmapping (`cephvol detach --force` unmaps anyway, and what was "
+                       "not written is lost)")
+    supervisor.event("flush", mapping.spec, f"flushing {mapping.device} failed ({why}); "
+                     "unmapping anyway (--force): what it held is lost",
+                     device=mapping.device, backend=mapping.backend, level=logging.WARNING)
+    return why

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from cephvol import proc, supervisor
 from cephvol._os import fusectl, loopdev
-from cephvol.backends.base import Backend, MapOptions, Mapping, Support
+from cephvol.backends.base import Backend, MapOptions, Mapping, Support, flush_before_unmap
 from cephvol.errors import (
     ClusterError,
     NotFound,
@@ -254,8 +254,7 @@ class FuseBackend(Backend):
             # the caller checked the device is unused; flush what the page
             # cache holds for the block device before it goes away
             if mapping.extra.get("fuse_pid"):
-                proc.run(["blockdev", "--flushbufs", mapping.device],
-                         timeout=proc.step_timeout(), check=False)
+                flush_before_unmap(mapping, force=force)
             backing = str(image_file_of(fuse_dir, mapping.image_spec))
             if not loopdev.detach(mapping.device,
                                   lambda: self._loop_serves(mapping.backend_id, backing),

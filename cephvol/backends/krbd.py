@@ -34,7 +34,7 @@ from typing import Any
 
 from cephvol import proc
 from cephvol._os import dmcrypt
-from cephvol.backends.base import Backend, MapOptions, Mapping, Support
+from cephvol.backends.base import Backend, MapOptions, Mapping, Support, flush_before_unmap
 from cephvol.crashpoint import crash_point
 from cephvol.errors import (
     Busy,
@@ -390,11 +390,7 @@ class KrbdBackend(Backend):
         still queued fails, as with any forced krbd unmap)."""
         name = mapping.extra.get("crypt_name")
         if name:
-            res = proc.run(["blockdev", "--flushbufs", mapping.device],
-                           timeout=proc.step_timeout(), check=False)
-            if res.returncode != 0 and not force:
-                raise SystemCommandError(f"flushing {mapping.device} failed, not unmapping: "
-                                         f"{res.stderr.strip() or 'exit ' + str(res.returncode)}")
+            flush_before_unmap(mapping, force=force)
             try:
                 dmcrypt.close(name, timeout=proc.step_timeout())
             except Busy:

@@ -47,7 +47,7 @@ from typing import Any
 
 from cephvol import proc, supervisor
 from cephvol._os import fusectl, loopdev
-from cephvol.backends.base import Backend, MapOptions, Mapping, Support
+from cephvol.backends.base import Backend, MapOptions, Mapping, Support, flush_before_unmap
 from cephvol.crashpoint import crash_point as _crash_point
 from cephvol.data import encryption
 from cephvol.errors import (
@@ -566,12 +566,7 @@ class QsdBackend(Backend):
         pid = self._pid_from_file(d) or self._daemons_by_dir().get(str(d))
         if mapping.device:
             if pid and not self._aborted:
-                res = proc.run(["blockdev", "--flushbufs", mapping.device],
-                               timeout=proc.step_timeout(), check=False)
-                if res.returncode != 0 and not force:
-                    raise SystemCommandError(
-                        f"flushing {mapping.device} failed, not unmapping: "
-                        f"{res.stderr.strip() or 'exit ' + str(res.returncode)}")
+                flush_before_unmap(mapping, force=force)
             name = mapping.backend_id or os.path.basename(mapping.device)
             if not loopdev.detach(mapping.device, lambda: self._loop_bound(name, d),
                                   force=force, timeout=3.0 if force else 10.0):
