@@ -205,7 +205,10 @@ def processes_using(
     """Processes holding the block device open, or a file / cwd below a path.
 
     This is what `fuser -m` does, done here so the message can name the
-    holders without depending on psmisc's output format.
+    holders without depending on psmisc's output format. Only fds whose
+    target is under /dev/ are stat'ed for `devnum` (see below): a device
+    node opened from elsewhere is not seen, a hang on a dead FUSE file is
+    worse.
     """
     me = os.getpid()
     found: list[Holder] = []
@@ -232,7 +235,13 @@ def processes_using(
                     hit = "open file"
                     break
                 if devnum is not None:
+                    # stat only what names a device node: stat follows the
+                    # link into the file's filesystem, and a file on a FUSE
+                    # mount whose daemon hangs (a fenced rbd-fuse) blocks
+                    # the caller there uninterruptibly, for good
                     try:
+                        if not os.readlink(p).startswith("/dev/"):
+                            continue
                         st = os.stat(p)
                     except OSError:
                         continue

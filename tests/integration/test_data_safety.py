@@ -11,6 +11,7 @@ import os
 import random
 import signal
 import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -138,6 +139,38 @@ def test_forced_detach_removes_copies_of_a_dead_rbd_fuse_in_other_namespaces(
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_the_holder_scan_never_waits_on_a_hung_fuse_file(
+        cluster: CephCluster, image: str, mnt: Path) -> None:
+    """Found under a saturating cluster load: detach's scan for processes
+    holding the device stat'ed every open fd of every process; one fd on a
+    file of a hung FUSE mount (there a fenced rbd-fuse) put detach into an
+    uninterruptible wait for good. Here rbd-fuse is stopped and a process
+    holds its image file open: the scan returns at once."""
+    cluster.cli("create", image, "--size", "64M", check=True)
+    res = _attach(cluster, image, mnt)
+    key = image.replace("/", ",-,", 1)
+    image_file = cluster.state_dir / "fuse" / key / image.split("/")[-1]
+    with open(image_file, "rb") as f:
+        holder = subprocess.Popen(["sleep", "300"], stdin=f)
+    pid = _fuse_pid(cluster, image)
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        time.sleep(2)  # past FUSE's 1 s attribute cache
+        st = os.stat(res["device"])
+        scan = subprocess.run(
+            [sys.executable, "-c", "import sys; from cephvol.hostfs import processes_using; "
+             "print([h.pid for h in processes_using(devnum=(int(sys.argv[1]), "
+             "int(sys.argv[2])))])", str(os.major(st.st_rdev)), str(os.minor(st.st_rdev))],
+            capture_output=True, text=True, timeout=60)
+        assert scan.returncode == 0, scan.stderr
+        assert str(holder.pid) not in scan.stdout  # it holds the file, not the device
+    finally:
+        os.kill(pid, signal.SIGCONT)
+        holder.kill()
+        holder.wait()
+    cluster.cli("detach", image, check=True)
 
 
 def test_cleanup_reports_a_dead_rbd_fuse_as_a_failure(
