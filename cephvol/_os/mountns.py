@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cephvol.errors import Busy, NotFound, StepTimeout, SystemCommandError
-from cephvol.hostfs import parse_mountinfo
+from cephvol.hostfs import parse_mountinfo, read_mounts
 
 CLONE_NEWNS = 0x00020000
 UMOUNT_NOFOLLOW = 0x8
@@ -303,7 +303,7 @@ def is_mount_of(path: str, devnum: tuple[int, int],
     except OSError as exc:
         if exc.errno not in _DEAD_MOUNT:
             raise
-        at = [m for m in parse_mountinfo(mountinfo.read_text()) if m.mountpoint == path]
+        at = [m for m in read_mounts(mountinfo) if m.mountpoint == path]
         top = max(at, key=lambda m: m.mount_id, default=None)
         return top is not None and top.devnum == devnum
     return (os.major(st.st_dev), os.minor(st.st_dev)) == devnum and up.st_dev != st.st_dev
