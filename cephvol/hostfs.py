@@ -99,6 +99,50 @@ def read_mounts(mountinfo: Path = PROC / "self" / "mountinfo") -> list[Mount]:
     return parse_mountinfo(mountinfo.read_text())
 
 
+def read_self(name: str, proc_self: Path | int = PROC / "self") -> str:
+    """A file of /proc/self (`name` relative to it), read through `proc_self`:
+    that path, or a descriptor of it opened before a setns (see mount_id_of).
+    Files such as mountinfo describe the reader's namespace at open time."""
+    if isinstance(proc_self, Path):
+        return (proc_self / name).read_text()
+    fd = os.open(name, os.O_RDONLY | os.O_CLOEXEC, dir_fd=proc_self)
+    try:
+        chunks = []
+        while chunk := os.read(fd, 65536):
+            chunks.append(chunk)
+        return b"".join(chunks).decode(errors="surrogateescape")
+    finally:
+        os.close(fd)
+
+
+def mount_id_of(path: str | Path, *, follow: bool = True,
+                proc_self: Path | int = PROC / "self") -> int:
+    """The id of the mount `path` resolves to (mountinfo's first field),
+    learned without asking that filesystem anything.
+
+    A stat asks the filesystem for attributes: on a FUSE mount whose daemon
+    hangs (a fenced rbd-fuse waiting on the cluster) the caller then waits
+    uninterruptibly, for good, and a SIGKILL does not free it. An O_PATH open
+    only walks dentries (crossing a mount or a /proc magic link such as
+    /proc/PID/cwd calls no filesystem code, and O_PATH opens nothing), and the
+    kernel reports the file's mount in fdinfo. `follow=False` does not follow
+    a final symlink: a link then answers its own directory's mount.
+
+    `proc_self` is /proc/self, or a descriptor of it opened earlier: after
+    setns into a container's namespace, /proc there may be the container's,
+    where this process has no pid. Raises OSError as open(2) does.
+    """
+    fd = os.open(path, os.O_PATH | os.O_CLOEXEC | (0 if follow else os.O_NOFOLLOW))
+    try:
+        text = read_self(f"fdinfo/{fd}", proc_self)
+    finally:
+        os.close(fd)
+    for line in text.splitlines():
+        if line.startswith("mnt_id:"):
+            return int(line.split()[1])
+    raise OSError(0, f"no mnt_id in the fdinfo of {path}")
+
+
 def mounts_of_device(
     devnum: tuple[int, int], proc_root: Path = PROC
 ) -> dict[str, list[Mount]]:

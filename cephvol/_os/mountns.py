@@ -23,14 +23,13 @@ import json
 import os
 import re
 import signal
-import stat
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from cephvol.errors import Busy, NotFound, StepTimeout, SystemCommandError
-from cephvol.hostfs import parse_mountinfo, read_mounts
+from cephvol.hostfs import mount_id_of, parse_mountinfo, read_self
 
 CLONE_NEWNS = 0x00020000
 UMOUNT_NOFOLLOW = 0x8
@@ -39,9 +38,6 @@ PROC = Path("/proc")
 _NOT_THAT_MOUNT = 100  # after setns, the path is not a mount of the device
 _SETNS_FAILED = 101
 _CHILD_FAILED = 102  # anything else; the child writes why to a pipe
-# what a mount whose FUSE daemon died answers to stat (the kernel's fuse
-# returns ENOTCONN once the connection is aborted; EIO while it is torn down)
-_DEAD_MOUNT = (errno.ENOTCONN, errno.EIO)
 
 
 @dataclass(frozen=True)
@@ -65,11 +61,12 @@ def users_in_namespace(ns: str, devnum: tuple[int, int], proc_root: Path = PROC
     """Processes whose mount namespace is `ns` and that have a file of the
     filesystem on `devnum` open, mapped, or as cwd or root.
 
-    Open files are matched by the mount they were opened through (fdinfo's
-    mnt_id against that namespace's mounts of the device), without a stat of
-    the file: a stat would wait on a hung FUSE filesystem another process has
-    open. The cwd and root are compared by st_dev, independent of how paths of
-    another namespace (or a chroot in it) read from here.
+    Everything is matched by mount (mnt_id against that namespace's mounts
+    of the device), never by a stat: a stat of a file, a cwd or a root on a
+    hung FUSE filesystem (a fenced rbd-fuse, whose mount has copies in every
+    namespace made while it was mounted) waits for good. Open files by
+    fdinfo's mnt_id, the cwd and root by hostfs.mount_id_of, independent of
+    how paths of another namespace (or a chroot in it) read from here.
     """
     found: list[User] = []
     ids: set[int] | None = None
@@ -95,14 +92,6 @@ def users_in_namespace(ns: str, devnum: tuple[int, int], proc_root: Path = PROC
     return found
 
 
-def _on(path: Path, devnum: tuple[int, int]) -> bool:
-    try:
-        st = os.stat(path)
-    except OSError:
-        return False
-    return (os.major(st.st_dev), os.minor(st.st_dev)) == devnum
-
-
 def _mnt_id(fdinfo: Path) -> int | None:
     try:
         for line in fdinfo.read_text().splitlines():
@@ -115,8 +104,11 @@ def _mnt_id(fdinfo: Path) -> int | None:
 
 def _use(pid_dir: Path, devnum: tuple[int, int], mount_ids: set[int]) -> str | None:
     for link in ("cwd", "root"):
-        if _on(pid_dir / link, devnum):
-            return link
+        try:
+            if mount_id_of(pid_dir / link) in mount_ids:
+                return link
+        except OSError:
+            pass  # gone, or a kernel thread without one
     try:
         fds = os.listdir(pid_dir / "fdinfo")
     except OSError:
@@ -268,9 +260,12 @@ def _child(fd: int, mountpoint: str, devnum: tuple[int, int],
     _CHILD_FAILED the reason goes to `report` (exit codes are too narrow to
     carry it, and errno 1 would read as EPERM)."""
     try:
+        # /proc/self before setns: a container's namespace may have its own
+        # /proc, in which this process has no pid
+        proc_self = os.open(PROC / "self", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         if setns(fd, CLONE_NEWNS) != 0:
             return _SETNS_FAILED
-        if not is_mount_of(mountpoint, devnum):
+        if not is_mount_of(mountpoint, devnum, proc_self):
             return _NOT_THAT_MOUNT
         if umount2(mountpoint.encode(), UMOUNT_NOFOLLOW) != 0:
             return ctypes.get_errno() or _CHILD_FAILED
@@ -284,29 +279,24 @@ def _child(fd: int, mountpoint: str, devnum: tuple[int, int],
 
 
 def is_mount_of(path: str, devnum: tuple[int, int],
-                mountinfo: Path = PROC / "self" / "mountinfo") -> bool:
+                proc_self: Path | int = PROC / "self") -> bool:
     """Whether `path` is, in the calling process's mount namespace, the root
-    of a mount of the filesystem `devnum` (not a symlink to one: a path inside
-    a container can be a link the container made).
+    of a mount of the filesystem `devnum` (not a symlink to one, nor reached
+    through one: a path inside a container can be a link the container made).
 
-    stat answers that for a live filesystem. A FUSE mount whose daemon died
-    (a crashed rbd-fuse) answers ENOTCONN to everything, its root included;
-    then the namespace's mount table decides: the topmost mount at exactly
-    that path must be of `devnum`, and the parent directory must not be a
-    link (mountinfo names mounts by their real paths)."""
-    parent = os.path.dirname(path.rstrip("/")) or "/"
-    up = os.stat(parent, follow_symlinks=False)
-    if not stat.S_ISDIR(up.st_mode) or os.path.realpath(parent) != parent:
-        return False
-    try:
-        st = os.stat(path, follow_symlinks=False)
-    except OSError as exc:
-        if exc.errno not in _DEAD_MOUNT:
-            raise
-        at = [m for m in read_mounts(mountinfo) if m.mountpoint == path]
-        top = max(at, key=lambda m: m.mount_id, default=None)
-        return top is not None and top.devnum == devnum
-    return (os.major(st.st_dev), os.minor(st.st_dev)) == devnum and up.st_dev != st.st_dev
+    Decided by mount, never by a stat of the mount: the path resolves (an
+    O_PATH open without following a final link) to a mount whose mountpoint
+    in this namespace's table is exactly `path` and whose device is `devnum`.
+    A stat would ask the filesystem: a FUSE mount whose daemon died answers
+    ENOTCONN, and one whose daemon hangs (a fenced rbd-fuse) never answers,
+    leaving this child unkillable and its parent waiting for good.
+    `proc_self` as in hostfs.mount_id_of."""
+    path = path.rstrip("/") or "/"
+    mount_id = mount_id_of(path, follow=False, proc_self=proc_self)
+    for m in parse_mountinfo(read_self("mountinfo", proc_self)):
+        if m.mount_id == mount_id:
+            return m.mountpoint == path and m.devnum == devnum
+    return False
 
 
 def _wait(child: int, timeout: float) -> int:
@@ -318,7 +308,13 @@ def _wait(child: int, timeout: float) -> int:
             return os.waitstatus_to_exitcode(status) if os.WIFEXITED(status) else 1
         if time.monotonic() > deadline:
             os.kill(child, signal.SIGKILL)
-            os.waitpid(child, 0)
+            # reaped if it dies now; a child stuck in the kernel (a request to
+            # a hung FUSE daemon) ignores SIGKILL, and waiting for it would
+            # hang this command too: it is left to be reaped when it returns
+            for _ in range(100):
+                if os.waitpid(child, os.WNOHANG)[0]:
+                    break
+                time.sleep(0.01)
             raise StepTimeout(f"unmounting a copy in another mount namespace took over "
                               f"{timeout:.0f} s")
         time.sleep(0.01)

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from cephvol import envfile, fs, hostfs, ownership, supervisor
+from cephvol import envfile, fs, hostfs, ownership, proc, supervisor
 from cephvol._os import freeze, mountns
 from cephvol.cleanup import (
     Observed,
@@ -98,13 +98,13 @@ def _foreign_mounts(host: Host, devnum: tuple[int, int], own: list[hostfs.Mount]
     """Other mount namespaces' mounts of the device, per namespace: (mounts
     that make it busy, copies of ours nobody there uses, a pid inside, who is
     there). Copies that go with our umount (propagated) are neither."""
-    proc = host.paths.proc_root
+    proc_root = host.paths.proc_root
     busy: dict[str, list[hostfs.Mount]] = {}
     copies: dict[str, list[hostfs.Mount]] = {}
     pids: dict[str, int] = {}
     names: dict[str, str] = {}
     places = None
-    for ns, (pid, ms) in _mounts_by_ns(devnum, proc).items():
+    for ns, (pid, ms) in _mounts_by_ns(devnum, proc_root).items():
         real, _propagated = split_propagated(own, ms)
         if ns == own_ns or not real:
             continue
@@ -112,14 +112,14 @@ def _foreign_mounts(host: Host, devnum: tuple[int, int], own: list[hostfs.Mount]
         if places is None:
             places = places_of(own, host.mounts(), mountpoint)
         try:
-            ns_mounts = hostfs.read_mounts(proc / str(pid) / "mountinfo")
+            ns_mounts = hostfs.read_mounts(proc_root / str(pid) / "mountinfo")
         except OSError:
             ns_mounts = []
         placed, copy = split_copies(places, ns_mounts, real)
-        users = mountns.users_in_namespace(ns, devnum, proc) if copy and not placed else []
+        users = mountns.users_in_namespace(ns, devnum, proc_root) if copy and not placed else []
         if placed or users:
             busy[ns] = real
-            who = mountns.container_of(pid, proc)
+            who = mountns.container_of(pid, proc_root)
             names[ns] = "; ".join(([who] if who else []) + [
                 f"pid {u.pid} ({u.command}) has its {u.what} there" for u in users])
         else:
@@ -358,7 +358,7 @@ def _umount_copy(host: Host, step: Step, force: bool) -> None:
     major, minor = dev.split(":")
     try:
         mountns.umount_copy(int(pid), ns, step.target, (int(major), int(minor)),
-                            proc_root=host.paths.proc_root)
+                            timeout=proc.step_timeout(30.0), proc_root=host.paths.proc_root)
     except Busy as exc:
         if force:
             return  # the forced unmap follows; the copy keeps what it has

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import pytest
 
+from cephvol.hostfs import read_mounts
+from cephvol.waiting import wait_for
 from tests.conftest import CephCluster
 
 
@@ -62,6 +64,15 @@ def _nothing_left(cluster: CephCluster, image: str, mnt: Path) -> None:
     assert image.split("/")[-1] not in loops
     assert not os.path.ismount(mnt)
     assert _json(cluster.cli("owner", image, "--json"))["owner"] is None
+
+
+def _ns_has(pid: int, mountpoint: str) -> bool:
+    """Whether the mount namespace of `pid` has a mount at `mountpoint`."""
+    try:
+        return any(m.mountpoint == mountpoint
+                   for m in read_mounts(Path(f"/proc/{pid}/mountinfo")))
+    except OSError:
+        return False
 
 
 def _wait_dead(pid: int, timeout: float = 30.0) -> None:
@@ -154,6 +165,10 @@ def test_the_holder_scan_never_waits_on_a_hung_fuse_file(
     image_file = cluster.state_dir / "fuse" / key / image.split("/")[-1]
     with open(image_file, "rb") as f:
         holder = subprocess.Popen(["sleep", "300"], stdin=f)
+    # a process whose cwd is on the FUSE mount: the scan of another namespace's
+    # users, and the check before unmounting a copy there, looked at it by stat
+    in_dir = subprocess.Popen(["sleep", "300"], cwd=image_file.parent)
+    fuse = next(m for m in read_mounts() if m.mountpoint == str(image_file.parent))
     pid = _fuse_pid(cluster, image)
     os.kill(pid, signal.SIGSTOP)
     try:
@@ -166,10 +181,21 @@ def test_the_holder_scan_never_waits_on_a_hung_fuse_file(
             capture_output=True, text=True, timeout=60)
         assert scan.returncode == 0, scan.stderr
         assert str(holder.pid) not in scan.stdout  # it holds the file, not the device
+        ns = subprocess.run(
+            [sys.executable, "-c", "import os, sys; from cephvol._os import mountns as m; "
+             "d = (int(sys.argv[2]), int(sys.argv[3])); "
+             "print([(u.pid, u.what) for u in m.users_in_namespace("
+             "os.readlink('/proc/self/ns/mnt'), d)], m.is_mount_of(sys.argv[1], d))",
+             str(image_file.parent), str(fuse.major), str(fuse.minor)],
+            capture_output=True, text=True, timeout=60)
+        assert ns.returncode == 0, ns.stderr
+        assert f"({in_dir.pid}, 'cwd')" in ns.stdout and ns.stdout.strip().endswith("True"), \
+            ns.stdout
     finally:
         os.kill(pid, signal.SIGCONT)
-        holder.kill()
-        holder.wait()
+        for p in (holder, in_dir):
+            p.kill()
+            p.wait()
     cluster.cli("detach", image, check=True)
 
 
@@ -414,17 +440,29 @@ def test_corrupt_owner_record_is_named_and_repairable(
     cluster.cli("detach", image, check=True)
 
 
+@pytest.mark.parametrize("copy", [False, True], ids=["alone", "copied-in-a-namespace"])
 def test_fenced_owners_detach_reports_lost_writes(
         cluster: CephCluster, image: str, mnt: Path, host_b: dict[str, str],
-        tmp_path: Path) -> None:
+        tmp_path: Path, copy: bool) -> None:
     """Issue 21.9: after B's forced takeover fenced A, A's later writes cannot
     reach the cluster (librbd behind rbd-fuse waits on the fenced connection
     forever); A's detach says so instead of "detached", bounded, and a forced
-    detach cuts the dead connection and tears everything down."""
+    detach cuts the dead connection and tears everything down.
+
+    `copied-in-a-namespace` (issue 13, found under a saturating cluster load
+    whose `ip netns exec` makes namespaces): another mount namespace holds
+    copies of the volume's and rbd-fuse's mounts. Removing the copy checked
+    it with a stat, which waited for good on the fenced rbd-fuse, and so did
+    detach (it hung past 120 s; now it answers in a fraction of a second)."""
     cluster.cli("create", image, "--size", "64M", check=True)
     _attach(cluster, image, mnt)
     (mnt / "before").write_text("kept")
     subprocess.run(["sync", "-f", str(mnt)], check=True)
+    if copy:
+        other = subprocess.Popen(["unshare", "--mount", "--propagation", "private",
+                                  "sleep", "600"])
+        # unshare execs sleep once the namespace is made
+        assert wait_for(lambda: _ns_has(other.pid, str(mnt)), timeout=30)
     mb = tmp_path / "mnt-b"
     tk = cluster.cli("attach", image, "--mountpoint", str(mb), "--takeover", "--force",
                      "--takeover-wait", "1", **host_b)
@@ -441,8 +479,14 @@ def test_fenced_owners_detach_reports_lost_writes(
         assert forced.returncode == 12 and "not written" in forced.stderr, forced.stderr
         assert not os.path.ismount(mnt)
         assert all(r["image"] != image for r in _json(cluster.cli("status", "--json")))
+        if copy:
+            assert not _ns_has(other.pid, str(mnt))  # the copies went, the process lives
+            assert other.poll() is None
     finally:
         writer.wait(timeout=120)
+        if copy:
+            other.kill()
+            other.wait()
     assert (mb / "before").read_text() == "kept"
     cluster.cli("detach", image, check=True, **host_b)
 

@@ -8,12 +8,17 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from cephvol.hostfs import (
     find_processes,
+    mount_id_of,
     parse_mountinfo,
     pid_alive,
     processes_using,
     read_loop_devices,
+    read_mounts,
+    read_self,
 )
 
 DATA = Path(__file__).resolve().parent.parent / "data"
@@ -78,3 +83,26 @@ def test_a_zombie_is_not_alive() -> None:
     assert os.path.exists(f"/proc/{child.pid}")  # still a zombie: we have not reaped it
     child.wait()
     assert pid_alive(os.getpid())
+
+
+def test_mount_id_of_names_the_mount_a_path_resolves_to(tmp_path: Path) -> None:
+    """Checked against the live mount table: /proc is its own mount, a path
+    inside one is on it, a link followed is its target's mount and a link not
+    followed is its directory's; through a descriptor of /proc/self too."""
+    by_id = {m.mount_id: m for m in read_mounts()}
+    assert by_id[mount_id_of("/proc")].mountpoint == "/proc"
+    assert by_id[mount_id_of("/proc/self/status")].mountpoint == "/proc"
+    link = tmp_path / "to-proc"
+    link.symlink_to("/proc")
+    assert by_id[mount_id_of(link)].mountpoint == "/proc"
+    assert mount_id_of(link, follow=False) == mount_id_of(tmp_path)
+    fd = os.open("/proc/self", os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        assert mount_id_of("/proc", proc_self=fd) == mount_id_of("/proc")
+        assert read_self("mountinfo", fd) == Path("/proc/self/mountinfo").read_text()
+    finally:
+        os.close(fd)
+    # a process's cwd, through its /proc magic link
+    assert mount_id_of(f"/proc/{os.getpid()}/cwd") == mount_id_of(os.getcwd())
+    with pytest.raises(FileNotFoundError):
+        mount_id_of(tmp_path / "missing")

@@ -4,10 +4,10 @@ read from /proc-shaped trees (the real ones are exercised in tests/vm)."""
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 from cephvol._os.mountns import User, container_of, users_in_namespace
+from cephvol.hostfs import mount_id_of, read_mounts
 
 CID = "a" * 64
 PID_ = "b" * 64
@@ -17,14 +17,15 @@ MOUNTINFO = ("400 399 0:50 / / rw - overlay overlay rw\n"
 
 def _proc(root: Path, pid: int, *, ns: str = "mnt:[9]", comm: str = "sh",
           cgroup: str = "0::/\n", argv: list[str] | None = None,
-          fd_mnt_ids: tuple[int, ...] = (), maps: str = "", cwd: Path | None = None) -> None:
+          fd_mnt_ids: tuple[int, ...] = (), maps: str = "", cwd: Path | None = None,
+          mountinfo: str = MOUNTINFO) -> None:
     d = root / str(pid)
     (d / "ns").mkdir(parents=True)
     (d / "ns" / "mnt").symlink_to(ns)
     (d / "comm").write_text(comm + "\n")
     (d / "cgroup").write_text(cgroup)
     (d / "cmdline").write_bytes(b"\0".join(a.encode() for a in (argv or [comm])) + b"\0")
-    (d / "mountinfo").write_text(MOUNTINFO)
+    (d / "mountinfo").write_text(mountinfo)
     (d / "maps").write_text(maps)
     (d / "fdinfo").mkdir()
     for i, mid in enumerate(fd_mnt_ids):
@@ -43,12 +44,17 @@ def test_open_files_count_by_the_mount_they_were_opened_through(tmp_path: Path) 
 
 
 def test_a_cwd_on_the_filesystem_is_a_user(tmp_path: Path) -> None:
+    """The cwd counts by the mount it resolves to (the real mount tmp_path is
+    on, written into the namespace's table), not by a stat of it."""
     here = tmp_path / "somewhere"
     here.mkdir()
-    st = os.stat(here)
-    _proc(tmp_path / "proc", 20, cwd=here)
-    assert users_in_namespace("mnt:[9]", (os.major(st.st_dev), os.minor(st.st_dev)),
-                              tmp_path / "proc") == [User(20, "sh", "cwd")]
+    real = next(m for m in read_mounts() if m.mount_id == mount_id_of(here))
+    table = MOUNTINFO + f"{real.mount_id} 1 {real.major}:{real.minor} / /x rw - ext4 /dev/x rw\n"
+    _proc(tmp_path / "proc", 20, cwd=here, mountinfo=table)
+    _proc(tmp_path / "proc", 21, cwd=Path("/proc"), mountinfo=table)  # another mount
+    _proc(tmp_path / "proc", 22, ns="mnt:[8]", cwd=here, mountinfo=table)  # not asked
+    assert users_in_namespace("mnt:[9]", (real.major, real.minor), tmp_path / "proc") == [
+        User(20, "sh", "cwd")]
 
 
 def test_docker_and_podman_containers_are_named(tmp_path: Path) -> None:
