@@ -121,14 +121,16 @@ def check_places(path: str, mounts: Sequence[Mount], state_dir: Path | None,
                              f"refusing {what} {path}: it is inside {shown}")
 
 
-def _walk(path: str, what: str, *, create: bool, stop_at_missing: bool
-          ) -> tuple[int, list[str]]:
+def _walk(path: str, what: str, *, create: bool, stop_at_missing: bool,
+          named: str | None = None) -> tuple[int, list[str]]:
     """Open `path` component by component, never following a link.
 
     Returns (descriptor of the deepest directory opened, names still
     missing below it). With `create`, missing directories are made (0755)
     and the whole path is opened; what was made is removed again when a
-    later step fails, so a refusal leaves the host as it was."""
+    later step fails, so a refusal leaves the host as it was. Refusals name
+    `named` (the file whose parent is walked), else `path`."""
+    whole = named or path
     parts = PurePosixPath(path).parts[1:]
     fd = os.open("/", _DIR_FLAGS)
     made: list[tuple[int, str]] = []  # (parent fd, kept open; name) of dirs made here
@@ -152,18 +154,18 @@ def _walk(path: str, what: str, *, create: bool, stop_at_missing: bool
                 except FileExistsError:
                     pass  # made meanwhile: the open below checks what it is
                 except OSError as exc:
-                    raise _refusal(path, shown, what, exc) from exc
+                    raise _refusal(whole, shown, what, exc) from exc
             except OSError as exc:
-                raise _refusal(path, shown, what, exc) from exc
+                raise _refusal(whole, shown, what, exc) from exc
             else:
-                _check_kind(path, shown, what, st.st_mode)
+                _check_kind(whole, shown, what, st.st_mode)
             try:
                 nfd = os.open(name, _DIR_FLAGS, dir_fd=fd)
             except OSError as exc:
                 with contextlib.suppress(OSError):
-                    _check_kind(path, shown, what,
+                    _check_kind(whole, shown, what,
                                 os.stat(name, dir_fd=fd, follow_symlinks=False).st_mode)
-                raise _refusal(path, shown, what, exc) from exc
+                raise _refusal(whole, shown, what, exc) from exc
             if fd not in kept:
                 os.close(fd)
             fd = nfd
@@ -245,7 +247,8 @@ def open_parent(path: PurePosixPath | str, what: str = "path", *, create: bool =
     the last name; None when the parent does not exist (and not `create`)."""
     p = PurePosixPath(check_name(path, what))
     try:
-        fd, missing = _walk(str(p.parent), what, create=create, stop_at_missing=not create)
+        fd, missing = _walk(str(p.parent), what, create=create, stop_at_missing=not create,
+                            named=str(p))
     except FileNotFoundError:
         return None
     if missing:

@@ -203,3 +203,16 @@ def test_a_top_level_env_file_in_the_state_dir_is_allowed(tmp_path: Path) -> Non
                 state / ".hidden.env"):
         with pytest.raises(UsageError):
             envfile._check_path(bad, state)
+
+
+def test_a_refusal_through_a_linked_parent_names_the_file_and_the_link(
+        tmp_path: Path) -> None:
+    """The message names the env file asked for and the component that is a
+    link (it named the parent alone, as if that were the --env-file)."""
+    (tmp_path / "to-etc").symlink_to("/etc")
+    want = tmp_path / "to-etc" / "cv.env"
+    with pytest.raises(UsageError) as err:
+        envfile.write(want, SPEC, RES, _store(tmp_path), tmp_path / "state")
+    assert err.value.message == (f"refusing --env-file {want}: {tmp_path}/to-etc is a symlink "
+                                 "(cephvol follows no links in this path; give the real path)")
+    assert not Path("/etc/cv.env").exists()
