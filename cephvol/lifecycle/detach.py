@@ -305,7 +305,7 @@ def _run_step(host: Host, spec: ImageSpec, step: Step, backend: Backend | None,
             lost = f"flushing {step.target} failed ({failed}): writes were not written"
             if not force:
                 raise DataLost(f"{spec}: {lost} to the cluster (a dead mapping daemon, or "
-                               "this host was fenced). Nothing was unmounted; `cephvol detach "
+                               "this host was fenced). It stays mounted here; `cephvol detach "
                                "--force` tears it down, and what was not written is lost")
             outcome.not_written = outcome.not_written or lost
     elif step.kind == "umount-copy":
