@@ -27,6 +27,7 @@ from cephvol.errors import (
     CephvolError,
     Conflict,
     DataLost,
+    NotFound,
     StepTimeout,
     SystemCommandError,
 )
@@ -322,9 +323,11 @@ def _run_step(host: Host, spec: ImageSpec, step: Step, backend: Backend | None,
     elif step.kind == "check-unused":
         if step.detail != "skip":
             ignore = backend.own_pids(mapping) if backend and mapping else set()
+            _unmount_late_copies(host, spec, step.target)
             _check_unused(host, step.target, ignore)
     elif step.kind == "unmap":
         assert backend is not None and mapping is not None
+        _unmount_late_backend_copies(host, mapping)
         backend.unmap(mapping, force=force)
     elif step.kind == "release":
         try:
@@ -366,6 +369,45 @@ def _umount_copy(host: Host, step: Step, force: bool) -> None:
         raise Busy(f"a copy of the volume at {step.target} in the mount namespace of pid "
                    f"{pid}{f' ({who})' if who else ''} came into use; stop that container "
                    "first, or pass --force") from exc
+
+
+def _unmount_late_copies(host: Host, spec: ImageSpec, device: str) -> None:
+    """Copies of our mount made after the plan was drawn: a namespace made
+    between the look and our umount (`ip netns exec` makes one per command)
+    keeps a copy that did not go with ours. Unused ones are unmounted as the
+    planned copies are; anything left is named by the check that follows."""
+    try:
+        devnum = hostfs.device_number(device)
+        st = host.store.load(spec.key)
+    except (CephvolError, OSError, ValueError):
+        return
+    if st is None or not st.mountpoint:
+        return
+    own_ns = os.readlink(host.paths.proc_root / "self" / "ns" / "mnt")
+    _busy, copies, pids, _names = _foreign_mounts(host, devnum, [], own_ns, st.mountpoint)
+    _unmount_copies(host, copies, pids)
+
+
+def _unmount_late_backend_copies(host: Host, mapping: Mapping) -> None:
+    """The same for copies of the mapping daemon's own mount (rbd-fuse's),
+    made after the plan: one keeps rbd-fuse serving that namespace after
+    our unmount, and the unmap waits on it in vain."""
+    own_ns = os.readlink(host.paths.proc_root / "self" / "ns" / "mnt")
+    busy: dict[str, list[hostfs.Mount]] = {}
+    copies: dict[str, list[hostfs.Mount]] = {}
+    pids: dict[str, int] = {}
+    _backend_copies(host, mapping, own_ns, busy, copies, pids, {})
+    _unmount_copies(host, copies, pids)
+
+
+def _unmount_copies(host: Host, copies: dict[str, list[hostfs.Mount]],
+                    pids: dict[str, int]) -> None:
+    for ns, ms in sorted(copies.items()):
+        for m in sorted(ms, key=lambda m: (-m.mountpoint.count("/"), m.mountpoint)):
+            with contextlib.suppress(Busy, NotFound):
+                mountns.umount_copy(pids[ns], ns, m.mountpoint, m.devnum,
+                                    timeout=proc.step_timeout(30.0),
+                                    proc_root=host.paths.proc_root)
 
 
 def _check_unused(host: Host, device: str, ignore_pids: set[int] | None = None) -> None:

@@ -20,9 +20,9 @@ from pathlib import Path
 
 import pytest
 
-from cephvol.hostfs import read_mounts
+from cephvol.hostfs import process_state, read_mounts
 from cephvol.waiting import wait_for
-from tests.conftest import CephCluster
+from tests.conftest import CEPHVOL, CephCluster
 
 
 def _json(cp: subprocess.CompletedProcess[str]) -> dict:
@@ -150,6 +150,46 @@ def test_forced_detach_removes_copies_of_a_dead_rbd_fuse_in_other_namespaces(
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_a_namespace_made_during_detach_does_not_stop_it(
+        cluster: CephCluster, image: str, mnt: Path) -> None:
+    """Issue 13.5, found under a saturating cluster load (its `ip netns exec`
+    makes a mount namespace per command): a namespace made after detach had
+    looked, before its umount, keeps a copy that does not go with ours.
+    Detach refused at its last check ("still mounted ... in the mount
+    namespace of pid N; not unmapping"), the volume unmounted but mapped.
+    Such a late copy, unused, is unmounted as a planned one is; the
+    namespace's process lives on."""
+    cluster.cli("create", image, "--size", "64M", check=True)
+    _attach(cluster, image, mnt)
+    (mnt / "kept").write_text("kept")
+    det = subprocess.Popen([CEPHVOL, "detach", image, "--json"], stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True,
+                           env=cluster.env(CEPHVOL_TEST_STOP_AT="detach-sync"))
+    other = None
+    try:
+        # stopped after its look and the flush, before its umount
+        assert wait_for(lambda: process_state(det.pid) == "T", timeout=60), det.pid
+        other = subprocess.Popen(["unshare", "--mount", "--propagation", "private",
+                                  "sleep", "300"])
+        assert wait_for(lambda: _ns_has(other.pid, str(mnt)), timeout=30)
+        os.kill(det.pid, signal.SIGCONT)
+        out, err = det.communicate(timeout=120)
+        assert det.returncode == 0, out + err
+        assert json.loads(out)["detached"] is True
+        assert not _ns_has(other.pid, str(mnt)) and other.poll() is None
+        _nothing_left(cluster, image, mnt)
+    finally:
+        if det.poll() is None:
+            os.kill(det.pid, signal.SIGCONT)
+            det.communicate(timeout=120)
+        if other is not None:
+            other.kill()
+            other.wait()
+    _attach(cluster, image, mnt)
+    assert (mnt / "kept").read_text() == "kept"
+    cluster.cli("detach", image, check=True)
 
 
 def test_the_holder_scan_never_waits_on_a_hung_fuse_file(
