@@ -291,6 +291,12 @@ class DevCluster:
 
             rbd.RBD().pool_init(ctx, True)
 
+    def wait_writable(self, timeout: float = 120.0) -> None:
+        """Wait until the pool takes a small write again, as after an OSD was
+        stopped and continued (it may need a while to catch up under load);
+        StepTimeout after `timeout` seconds."""
+        self._wait_writable(time.monotonic() + timeout)
+
     def _wait_writable(self, deadline: float) -> None:
         """Poll with a small object write until the pool takes data."""
         import rados

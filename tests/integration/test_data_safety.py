@@ -726,6 +726,9 @@ def test_read_only_attach_with_a_stopped_osd_is_bounded(
     finally:
         wake.cancel()
         os.kill(osd, signal.SIGCONT)
+        # the continued OSD catches up before anything else asks it (under a
+        # saturating load that took minutes, and later tests timed out on it)
+        DevCluster(cluster.conf.parent).wait_writable(timeout=300)
     assert cp.returncode in (7, 8), cp.stderr
     assert len(cp.stderr.strip().splitlines()) == 1 and "Traceback" not in cp.stderr
     assert took < 90, took
