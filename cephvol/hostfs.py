@@ -134,13 +134,17 @@ def mount_id_of(path: str | Path, *, follow: bool = True,
     """
     fd = os.open(path, os.O_PATH | os.O_CLOEXEC | (0 if follow else os.O_NOFOLLOW))
     try:
-        text = read_self(f"fdinfo/{fd}", proc_self)
+        return fd_mount_id(fd, proc_self)
     finally:
         os.close(fd)
-    for line in text.splitlines():
+
+
+def fd_mount_id(fd: int, proc_self: Path | int = PROC / "self") -> int:
+    """The id of the mount an open descriptor of ours is on (fdinfo's mnt_id)."""
+    for line in read_self(f"fdinfo/{fd}", proc_self).splitlines():
         if line.startswith("mnt_id:"):
             return int(line.split()[1])
-    raise OSError(0, f"no mnt_id in the fdinfo of {path}")
+    raise OSError(0, f"no mnt_id in the fdinfo of descriptor {fd}")
 
 
 def mounts_of_device(

@@ -29,15 +29,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cephvol.errors import Busy, NotFound, StepTimeout, SystemCommandError
-from cephvol.hostfs import mount_id_of, parse_mountinfo, read_self
+from cephvol.hostfs import fd_mount_id, mount_id_of, parse_mountinfo, read_self
 
 CLONE_NEWNS = 0x00020000
 UMOUNT_NOFOLLOW = 0x8
 PROC = Path("/proc")
-# exit codes of the child, beside an errno from umount2 (all below 64)
+# exit codes of the child, beside an errno from umount2 (errnos are below 100)
 _NOT_THAT_MOUNT = 100  # after setns, the path is not a mount of the device
 _SETNS_FAILED = 101
 _CHILD_FAILED = 102  # anything else; the child writes why to a pipe
+_COVERED = 103  # the copy is there, under another mount stacked on it
 
 
 @dataclass(frozen=True)
@@ -244,6 +245,9 @@ def umount_copy(pid: int, ns: str, mountpoint: str, devnum: tuple[int, int], *,
         raise Busy(f"{mountpoint} is in use inside the mount namespace of pid {pid}")
     if code == errno.ENOENT:
         return
+    if code == _COVERED:
+        raise Busy(f"{mountpoint} in the mount namespace of pid {pid} is covered by another "
+                   "mount there; the copy of the volume under it stays")
     if code == _NOT_THAT_MOUNT:
         raise NotFound(f"{mountpoint} in the mount namespace of pid {pid} is not a mount "
                        "of the volume any more; not unmounting it")
@@ -258,15 +262,22 @@ def _child(fd: int, mountpoint: str, devnum: tuple[int, int],
            report: int) -> int:  # pragma: no cover - runs in a forked child
     """Exit code: 0, an errno of umount2, or one of ours (above 64); on
     _CHILD_FAILED the reason goes to `report` (exit codes are too narrow to
-    carry it, and errno 1 would read as EPERM)."""
+    carry it, and errno 1 would read as EPERM).
+
+    Known gap: the check and the umount2 are two steps by path, so root inside
+    that namespace stacking a mount on the path in between would see that one
+    unmounted (if unused). Unmounting through the checked descriptor would
+    close it, but a descriptor pins its mount (EBUSY)."""
     try:
         # /proc/self before setns: a container's namespace may have its own
         # /proc, in which this process has no pid
         proc_self = os.open(PROC / "self", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         if setns(fd, CLONE_NEWNS) != 0:
             return _SETNS_FAILED
-        if not is_mount_of(mountpoint, devnum, proc_self):
-            return _NOT_THAT_MOUNT
+        found, target = _copy_at(mountpoint, devnum, proc_self)
+        if target is None:
+            return found
+        os.close(target)
         if umount2(mountpoint.encode(), UMOUNT_NOFOLLOW) != 0:
             return ctypes.get_errno() or _CHILD_FAILED
         return 0
@@ -278,25 +289,44 @@ def _child(fd: int, mountpoint: str, devnum: tuple[int, int],
         return _CHILD_FAILED
 
 
+def _copy_at(path: str, devnum: tuple[int, int], proc_self: Path | int
+             ) -> tuple[int, int | None]:
+    """(0, an O_PATH descriptor of the mount) when `path` is, in the calling
+    process's mount namespace, the root of a mount of `devnum`; else
+    (_COVERED, None) when such a mount is at `path` under another one, or
+    (_NOT_THAT_MOUNT, None). Decided by mount, never by a stat of the mount:
+    the path (a final link not followed) resolves to a mount whose mountpoint
+    in this namespace's table is exactly `path` and whose device is
+    `devnum`. A stat would ask the filesystem: a FUSE mount whose daemon died
+    answers ENOTCONN, and one whose daemon hangs (a fenced rbd-fuse) never
+    answers, leaving the caller unkillable."""
+    path = path.rstrip("/") or "/"
+    fd = os.open(path, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        mount_id = fd_mount_id(fd, proc_self)
+        table = parse_mountinfo(read_self("mountinfo", proc_self))
+    except BaseException:
+        os.close(fd)
+        raise
+    top = next((m for m in table if m.mount_id == mount_id), None)
+    if top is not None and top.mountpoint == path and top.devnum == devnum:
+        return 0, fd
+    os.close(fd)
+    if any(m.mountpoint == path and m.devnum == devnum for m in table):
+        return _COVERED, None
+    return _NOT_THAT_MOUNT, None
+
+
 def is_mount_of(path: str, devnum: tuple[int, int],
                 proc_self: Path | int = PROC / "self") -> bool:
     """Whether `path` is, in the calling process's mount namespace, the root
     of a mount of the filesystem `devnum` (not a symlink to one, nor reached
-    through one: a path inside a container can be a link the container made).
-
-    Decided by mount, never by a stat of the mount: the path resolves (an
-    O_PATH open without following a final link) to a mount whose mountpoint
-    in this namespace's table is exactly `path` and whose device is `devnum`.
-    A stat would ask the filesystem: a FUSE mount whose daemon died answers
-    ENOTCONN, and one whose daemon hangs (a fenced rbd-fuse) never answers,
-    leaving this child unkillable and its parent waiting for good.
-    `proc_self` as in hostfs.mount_id_of."""
-    path = path.rstrip("/") or "/"
-    mount_id = mount_id_of(path, follow=False, proc_self=proc_self)
-    for m in parse_mountinfo(read_self("mountinfo", proc_self)):
-        if m.mount_id == mount_id:
-            return m.mountpoint == path and m.devnum == devnum
-    return False
+    through one, nor covered by another mount): see _copy_at. `proc_self` as
+    in hostfs.mount_id_of."""
+    found, fd = _copy_at(path, devnum, proc_self)
+    if fd is not None:
+        os.close(fd)
+    return found == 0
 
 
 def _wait(child: int, timeout: float) -> int:

@@ -309,6 +309,12 @@ class FuseBackend(Backend):
                 time.sleep(delay)  # the loop device may release the file a moment late
                 delay *= 2
         if lazy:
+            if self._aborted:
+                # fenced and cut loose: its librbd can never flush, so it would
+                # never exit when its last user goes; it serves nothing any more
+                for pid in pids:
+                    with contextlib.suppress(OSError):
+                        os.kill(pid, signal.SIGKILL)
             return
         bound = min(5.0, proc.step_timeout()) if self._aborted else proc.step_timeout()
         end = time.monotonic() + bound

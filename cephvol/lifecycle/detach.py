@@ -327,7 +327,7 @@ def _run_step(host: Host, spec: ImageSpec, step: Step, backend: Backend | None,
             _check_unused(host, step.target, ignore)
     elif step.kind == "unmap":
         assert backend is not None and mapping is not None
-        _unmount_late_backend_copies(host, mapping)
+        _unmount_late_backend_copies(host, mapping, force)
         backend.unmap(mapping, force=force)
     elif step.kind == "release":
         try:
@@ -366,8 +366,10 @@ def _umount_copy(host: Host, step: Step, force: bool) -> None:
         if force:
             return  # the forced unmap follows; the copy keeps what it has
         who = mountns.container_of(int(pid), host.paths.proc_root)
+        why = "is covered by another mount there" if "covered" in exc.message else \
+            "came into use"
         raise Busy(f"a copy of the volume at {step.target} in the mount namespace of pid "
-                   f"{pid}{f' ({who})' if who else ''} came into use; stop that container "
+                   f"{pid}{f' ({who})' if who else ''} {why}; stop that container "
                    "first, or pass --force") from exc
 
 
@@ -375,7 +377,8 @@ def _unmount_late_copies(host: Host, spec: ImageSpec, device: str) -> None:
     """Copies of our mount made after the plan was drawn: a namespace made
     between the look and our umount (`ip netns exec` makes one per command)
     keeps a copy that did not go with ours. Unused ones are unmounted as the
-    planned copies are; anything left is named by the check that follows."""
+    planned copies are; one in use stops the detach here, naming its users
+    (nothing is unmapped)."""
     try:
         devnum = hostfs.device_number(device)
         st = host.store.load(spec.key)
@@ -385,29 +388,52 @@ def _unmount_late_copies(host: Host, spec: ImageSpec, device: str) -> None:
         return
     own_ns = os.readlink(host.paths.proc_root / "self" / "ns" / "mnt")
     _busy, copies, pids, _names = _foreign_mounts(host, devnum, [], own_ns, st.mountpoint)
-    _unmount_copies(host, copies, pids)
+    _unmount_copies(host, copies, pids, force=False)
 
 
-def _unmount_late_backend_copies(host: Host, mapping: Mapping) -> None:
+def _unmount_late_backend_copies(host: Host, mapping: Mapping, force: bool) -> None:
     """The same for copies of the mapping daemon's own mount (rbd-fuse's),
     made after the plan: one keeps rbd-fuse serving that namespace after
-    our unmount, and the unmap waits on it in vain."""
+    our unmount, and the unmap would wait on it in vain. In use: refused
+    before the unmap, unless forced (the forced unmap then lets rbd-fuse go
+    lazily)."""
     own_ns = os.readlink(host.paths.proc_root / "self" / "ns" / "mnt")
     busy: dict[str, list[hostfs.Mount]] = {}
     copies: dict[str, list[hostfs.Mount]] = {}
     pids: dict[str, int] = {}
-    _backend_copies(host, mapping, own_ns, busy, copies, pids, {})
-    _unmount_copies(host, copies, pids)
+    names: dict[str, str] = {}
+    _backend_copies(host, mapping, own_ns, busy, copies, pids, names)
+    if busy and not force:
+        where = "; ".join(f"{m.mountpoint} in the mount namespace of pid {pids.get(ns, '?')}"
+                          + (f" ({names[ns]})" if names.get(ns) else "")
+                          for ns, ms in sorted(busy.items()) for m in ms)
+        raise Busy(f"a copy of the mapping's own mount came into use while detaching: "
+                   f"{where}; not unmapping: stop those processes and detach again, or "
+                   "pass --force")
+    _unmount_copies(host, copies, pids, force=force)
 
 
 def _unmount_copies(host: Host, copies: dict[str, list[hostfs.Mount]],
-                    pids: dict[str, int]) -> None:
+                    pids: dict[str, int], *, force: bool) -> None:
     for ns, ms in sorted(copies.items()):
         for m in sorted(ms, key=lambda m: (-m.mountpoint.count("/"), m.mountpoint)):
-            with contextlib.suppress(Busy, NotFound):
+            try:
                 mountns.umount_copy(pids[ns], ns, m.mountpoint, m.devnum,
                                     timeout=proc.step_timeout(30.0),
                                     proc_root=host.paths.proc_root)
+            except NotFound:
+                continue  # not a mount of ours any more: nothing of ours to take away
+            except Busy as exc:
+                if force:
+                    continue
+                users = mountns.users_in_namespace(ns, m.devnum, host.paths.proc_root)
+                who = mountns.container_of(pids[ns], host.paths.proc_root)
+                named = "; ".join(([who] if who else []) + [
+                    f"pid {u.pid} ({u.command}) has its {u.what} there" for u in users])
+                raise Busy(f"a copy of {m.mountpoint} in the mount namespace of pid "
+                           f"{pids[ns]} came into use while detaching ({named or exc.message}); "
+                           "not unmapping: stop those processes and detach again, or pass "
+                           "--force") from exc
 
 
 def _check_unused(host: Host, device: str, ignore_pids: set[int] | None = None) -> None:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from cephvol.hostfs import process_state, read_mounts
+from cephvol.hostfs import find_processes, pid_alive, process_state, read_mounts
 from cephvol.waiting import wait_for
 from tests.conftest import CEPHVOL, CephCluster
 
@@ -190,6 +190,76 @@ def test_a_namespace_made_during_detach_does_not_stop_it(
     _attach(cluster, image, mnt)
     assert (mnt / "kept").read_text() == "kept"
     cluster.cli("detach", image, check=True)
+
+
+def test_rbd_fuses_copy_taken_into_use_during_detach_stops_it_before_the_unmap(
+        cluster: CephCluster, image: str, mnt: Path) -> None:
+    """Found by this round's attack: a namespace made while detach ran, with
+    a process whose cwd is in rbd-fuse's directory there. The late copy of
+    rbd-fuse's mount could not go; detach unmapped anyway, waited on rbd-fuse
+    and blamed the cluster (exit 8), and the next detach said "detached"
+    while rbd-fuse still held the image. Now: exit 4 naming the process,
+    before the unmap; once it is gone, detach finishes."""
+    cluster.cli("create", image, "--size", "64M", check=True)
+    _attach(cluster, image, mnt)
+    fuse_dir = cluster.state_dir / "fuse" / image.replace("/", ",-,", 1)
+    det = subprocess.Popen([CEPHVOL, "detach", image, "--json"], stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True,
+                           env=cluster.env(CEPHVOL_TEST_STOP_AT="detach-check-unused"))
+    other = None
+    try:
+        assert wait_for(lambda: process_state(det.pid) == "T", timeout=60), det.pid
+        # the volume's mount is gone here, rbd-fuse's is not: the namespace
+        # copies rbd-fuse's, and its process works in it
+        other = subprocess.Popen(["unshare", "--mount", "--propagation", "private",
+                                  "sh", "-c", f"cd '{fuse_dir}' && exec sleep 300"])
+        assert wait_for(lambda: _ns_has(other.pid, str(fuse_dir)), timeout=30)
+        os.kill(det.pid, signal.SIGCONT)
+        out, err = det.communicate(timeout=120)
+        assert det.returncode == 4, out + err
+        assert f"pid {other.pid} (sleep) has its cwd there" in json.loads(out)["error"], out
+        row = next(r for r in _json(cluster.cli("status", "--json")) if r["image"] == image)
+        assert row["device"], row  # still mapped: nothing was unmapped
+    finally:
+        if det.poll() is None:
+            os.kill(det.pid, signal.SIGCONT)
+            det.communicate(timeout=120)
+        if other is not None:
+            other.kill()
+            other.wait()
+    fin = cluster.cli("detach", image, "--json")
+    assert fin.returncode == 0, fin.stdout + fin.stderr
+    _nothing_left(cluster, image, mnt)
+    assert not find_processes("rbd-fuse", str(fuse_dir))
+
+
+def test_a_copy_covered_by_another_mount_is_named_and_that_mount_left_alone(
+        cluster: CephCluster, image: str, mnt: Path) -> None:
+    """Found by this round's attack: a tmpfs mounted over a copy of the volume
+    in another namespace made detach say "not a mount of the volume any
+    more" (exit 3). The copy is still there, under it: exit 4, and the
+    tmpfs and what it holds stay."""
+    cluster.cli("create", image, "--size", "64M", check=True)
+    _attach(cluster, image, mnt)
+    other = subprocess.Popen(
+        ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+         f"mount -t tmpfs cvcover '{mnt}' && echo theirs > '{mnt}/mark' && exec sleep 300"])
+    try:
+        assert wait_for(lambda: sum(m.mountpoint == str(mnt) for m in read_mounts(
+            Path(f"/proc/{other.pid}/mountinfo"))) == 2
+            and Path(f"/proc/{other.pid}/comm").read_text().strip() == "sleep", timeout=30)
+        det = cluster.cli("detach", image, "--json")
+        assert det.returncode == 4, det.stdout + det.stderr
+        assert "covered by another mount" in json.loads(det.stdout)["error"]
+        mounts = [m for m in read_mounts(Path(f"/proc/{other.pid}/mountinfo"))
+                  if m.mountpoint == str(mnt)]
+        assert [m.fstype for m in mounts] == ["ext4", "tmpfs"], mounts
+        assert Path(f"/proc/{other.pid}/root{mnt}/mark").read_text() == "theirs\n"
+    finally:
+        other.kill()
+        other.wait()
+    cluster.cli("detach", image, check=True)
+    _nothing_left(cluster, image, mnt)
 
 
 def test_the_holder_scan_never_waits_on_a_hung_fuse_file(
@@ -408,11 +478,16 @@ def host_b(cluster: CephCluster, tmp_path: Path) -> Iterator[dict[str, str]]:
     env = {"CEPHVOL_HOST_ID": "host-b-test", "CEPHVOL_HOST_NAME": "b",
            "CEPHVOL_STATE_DIR": str(tmp_path / "state-b")}
     yield env
-    for d in (tmp_path / "state-b" / "fuse").glob("*") if (tmp_path / "state-b").exists() \
-            else []:
+    if (tmp_path / "state-b").exists():
+        # whatever B still has attached (fuse or qsd) after a failed test
         from cephvol.spec import spec_from_key
 
-        cluster.cli("detach", "--force", "--lazy", str(spec_from_key(d.name)), **env)
+        left = cluster.cli("status", "--json", **env)
+        images = {row["image"] for row in (json.loads(left.stdout or "[]")
+                                           if left.returncode == 0 else [])}
+        images |= {str(spec_from_key(d.name)) for d in (tmp_path / "state-b" / "fuse").glob("*")}
+        for name in sorted(images):
+            cluster.cli("detach", "--force", "--lazy", name, **env)
 
 
 def test_another_client_writing_blocks_a_writable_attach(
@@ -528,6 +603,37 @@ def test_fenced_owners_detach_reports_lost_writes(
             other.kill()
             other.wait()
     assert (mb / "before").read_text() == "kept"
+    cluster.cli("detach", image, check=True, **host_b)
+
+
+def test_a_fenced_rbd_fuse_kept_by_a_copy_in_use_is_not_left_running(
+        cluster: CephCluster, image: str, mnt: Path, host_b: dict[str, str],
+        tmp_path: Path) -> None:
+    """Found by this round's attack: after B fenced A, a process in another
+    namespace working in A's copy of the volume kept the loop open, so A's
+    forced detach let rbd-fuse go lazily, to exit when its last user goes.
+    A fenced rbd-fuse never does (its librbd cannot flush): it ran on for
+    good, and A's next attach or detach waited on it. It is killed now."""
+    cluster.cli("create", image, "--size", "64M", check=True)
+    _attach(cluster, image, mnt)
+    pid = _fuse_pid(cluster, image)
+    other = subprocess.Popen(["unshare", "--mount", "--propagation", "private",
+                              "sh", "-c", f"cd '{mnt}' && exec sleep 300"])
+    try:
+        assert wait_for(lambda: _ns_has(other.pid, str(mnt))
+                        and Path(f"/proc/{other.pid}/comm").read_text().strip() == "sleep",
+                        timeout=30)
+        tk = cluster.cli("attach", image, "--mountpoint", str(tmp_path / "mnt-b"),
+                         "--takeover", "--force", "--takeover-wait", "1", **host_b)
+        assert tk.returncode == 0, tk.stderr
+        forced = cluster.cli("detach", image, "--force", CEPHVOL_STEP_TIMEOUT="10",
+                             timeout=180)
+        assert forced.returncode == 12 and "fenced" in forced.stderr, forced.stderr
+        assert all(r["image"] != image for r in _json(cluster.cli("status", "--json")))
+    finally:
+        other.kill()
+        other.wait()
+    assert wait_for(lambda: not pid_alive(pid), timeout=30), f"rbd-fuse {pid} still runs"
     cluster.cli("detach", image, check=True, **host_b)
 
 
