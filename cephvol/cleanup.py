@@ -121,13 +121,20 @@ def split_copies(places: set[Place], ns_mounts: list[Mount], candidates: list[Mo
     return placed, copies
 
 
+def describe_foreign(mounts: dict[str, list[Mount]], pids: dict[str, int],
+                     names: dict[str, str]) -> str:
+    """'PATH in the mount namespace of pid N (who is there); ...' for mounts
+    in other namespaces, as refusals name them."""
+    return "; ".join(
+        f"{m.mountpoint} in the mount namespace of pid {pids.get(ns, '?')}"
+        + (f" ({names[ns]})" if names.get(ns) else "")
+        for ns, ms in sorted(mounts.items()) for m in ms)
+
+
 def plan_detach(obs: Observed, *, force: bool = False, lazy: bool = False) -> list[Step]:
     steps: list[Step] = []
     if obs.foreign_mounts and not force:
-        where = "; ".join(
-            f"{m.mountpoint} in the mount namespace of pid {obs.foreign_pids.get(ns, '?')}"
-            + (f" ({obs.foreign_names[ns]})" if obs.foreign_names.get(ns) else "")
-            for ns, ms in sorted(obs.foreign_mounts.items()) for m in ms)
+        where = describe_foreign(obs.foreign_mounts, obs.foreign_pids, obs.foreign_names)
         return [Step("refuse", obs.device, f"{obs.device} is still mounted at {where}; "
                      "stop that container first, or pass --force")]
     # copies first: if one cannot go, nothing of ours has changed yet

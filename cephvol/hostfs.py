@@ -141,10 +141,21 @@ def mount_id_of(path: str | Path, *, follow: bool = True,
 
 def fd_mount_id(fd: int, proc_self: Path | int = PROC / "self") -> int:
     """The id of the mount an open descriptor of ours is on (fdinfo's mnt_id)."""
-    for line in read_self(f"fdinfo/{fd}", proc_self).splitlines():
+    mount_id = fdinfo_mount_id(read_self(f"fdinfo/{fd}", proc_self))
+    if mount_id is None:
+        raise OSError(0, f"no mnt_id in the fdinfo of descriptor {fd}")
+    return mount_id
+
+
+def fdinfo_mount_id(text: str) -> int | None:
+    """The mnt_id line of a /proc/PID/fdinfo/N file, None without one."""
+    for line in text.splitlines():
         if line.startswith("mnt_id:"):
-            return int(line.split()[1])
-    raise OSError(0, f"no mnt_id in the fdinfo of descriptor {fd}")
+            try:
+                return int(line.split()[1])
+            except (ValueError, IndexError):
+                return None
+    return None
 
 
 def mounts_of_device(

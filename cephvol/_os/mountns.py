@@ -29,7 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cephvol.errors import Busy, NotFound, StepTimeout, SystemCommandError
-from cephvol.hostfs import fd_mount_id, mount_id_of, parse_mountinfo, read_self
+from cephvol.hostfs import fdinfo_mount_id, mount_id_of, parse_mountinfo, read_self
+from cephvol.waiting import wait_for
 
 CLONE_NEWNS = 0x00020000
 UMOUNT_NOFOLLOW = 0x8
@@ -39,6 +40,11 @@ _NOT_THAT_MOUNT = 100  # after setns, the path is not a mount of the device
 _SETNS_FAILED = 101
 _CHILD_FAILED = 102  # anything else; the child writes why to a pipe
 _COVERED = 103  # the copy is there, under another mount stacked on it
+
+
+class Covered(Busy):
+    """The copy is still there, under another mount stacked on it in that
+    namespace: not ours to take away, and the copy under it stays."""
 
 
 @dataclass(frozen=True)
@@ -95,12 +101,9 @@ def users_in_namespace(ns: str, devnum: tuple[int, int], proc_root: Path = PROC
 
 def _mnt_id(fdinfo: Path) -> int | None:
     try:
-        for line in fdinfo.read_text().splitlines():
-            if line.startswith("mnt_id:"):
-                return int(line.split()[1])
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
+        return fdinfo_mount_id(fdinfo.read_text())
+    except OSError:
+        return None
 
 
 def _use(pid_dir: Path, devnum: tuple[int, int], mount_ids: set[int]) -> str | None:
@@ -246,7 +249,7 @@ def umount_copy(pid: int, ns: str, mountpoint: str, devnum: tuple[int, int], *,
     if code == errno.ENOENT:
         return
     if code == _COVERED:
-        raise Busy(f"{mountpoint} in the mount namespace of pid {pid} is covered by another "
+        raise Covered(f"{mountpoint} in the mount namespace of pid {pid} is covered by another "
                    "mount there; the copy of the volume under it stays")
     if code == _NOT_THAT_MOUNT:
         raise NotFound(f"{mountpoint} in the mount namespace of pid {pid} is not a mount "
@@ -274,10 +277,9 @@ def _child(fd: int, mountpoint: str, devnum: tuple[int, int],
         proc_self = os.open(PROC / "self", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         if setns(fd, CLONE_NEWNS) != 0:
             return _SETNS_FAILED
-        found, target = _copy_at(mountpoint, devnum, proc_self)
-        if target is None:
+        found = _copy_at(mountpoint, devnum, proc_self)
+        if found:
             return found
-        os.close(target)
         if umount2(mountpoint.encode(), UMOUNT_NOFOLLOW) != 0:
             return ctypes.get_errno() or _CHILD_FAILED
         return 0
@@ -289,32 +291,24 @@ def _child(fd: int, mountpoint: str, devnum: tuple[int, int],
         return _CHILD_FAILED
 
 
-def _copy_at(path: str, devnum: tuple[int, int], proc_self: Path | int
-             ) -> tuple[int, int | None]:
-    """(0, an O_PATH descriptor of the mount) when `path` is, in the calling
-    process's mount namespace, the root of a mount of `devnum`; else
-    (_COVERED, None) when such a mount is at `path` under another one, or
-    (_NOT_THAT_MOUNT, None). Decided by mount, never by a stat of the mount:
-    the path (a final link not followed) resolves to a mount whose mountpoint
-    in this namespace's table is exactly `path` and whose device is
-    `devnum`. A stat would ask the filesystem: a FUSE mount whose daemon died
-    answers ENOTCONN, and one whose daemon hangs (a fenced rbd-fuse) never
-    answers, leaving the caller unkillable."""
+def _copy_at(path: str, devnum: tuple[int, int], proc_self: Path | int) -> int:
+    """0 when `path` is, in the calling process's mount namespace, the root
+    of a mount of `devnum`; _COVERED when such a mount is at `path` under
+    another one; else _NOT_THAT_MOUNT. Decided by mount, never by a stat of
+    the mount: the path (a final link not followed) resolves to a mount whose
+    mountpoint in this namespace's table is exactly `path` and whose device
+    is `devnum`. A stat would ask the filesystem: a FUSE mount whose daemon
+    died answers ENOTCONN, and one whose daemon hangs (a fenced rbd-fuse)
+    never answers, leaving the caller unkillable."""
     path = path.rstrip("/") or "/"
-    fd = os.open(path, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
-    try:
-        mount_id = fd_mount_id(fd, proc_self)
-        table = parse_mountinfo(read_self("mountinfo", proc_self))
-    except BaseException:
-        os.close(fd)
-        raise
+    mount_id = mount_id_of(path, follow=False, proc_self=proc_self)
+    table = parse_mountinfo(read_self("mountinfo", proc_self))
     top = next((m for m in table if m.mount_id == mount_id), None)
     if top is not None and top.mountpoint == path and top.devnum == devnum:
-        return 0, fd
-    os.close(fd)
+        return 0
     if any(m.mountpoint == path and m.devnum == devnum for m in table):
-        return _COVERED, None
-    return _NOT_THAT_MOUNT, None
+        return _COVERED
+    return _NOT_THAT_MOUNT
 
 
 def is_mount_of(path: str, devnum: tuple[int, int],
@@ -323,10 +317,7 @@ def is_mount_of(path: str, devnum: tuple[int, int],
     of a mount of the filesystem `devnum` (not a symlink to one, nor reached
     through one, nor covered by another mount): see _copy_at. `proc_self` as
     in hostfs.mount_id_of."""
-    found, fd = _copy_at(path, devnum, proc_self)
-    if fd is not None:
-        os.close(fd)
-    return found == 0
+    return _copy_at(path, devnum, proc_self) == 0
 
 
 def _wait(child: int, timeout: float) -> int:
@@ -341,10 +332,8 @@ def _wait(child: int, timeout: float) -> int:
             # reaped if it dies now; a child stuck in the kernel (a request to
             # a hung FUSE daemon) ignores SIGKILL, and waiting for it would
             # hang this command too: it is left to be reaped when it returns
-            for _ in range(100):
-                if os.waitpid(child, os.WNOHANG)[0]:
-                    break
-                time.sleep(0.01)
+            wait_for(lambda: os.waitpid(child, os.WNOHANG)[0], timeout=1.0,
+                     interval=0.01, max_interval=0.1)
             raise StepTimeout(f"unmounting a copy in another mount namespace took over "
                               f"{timeout:.0f} s")
         time.sleep(0.01)

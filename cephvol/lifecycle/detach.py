@@ -16,6 +16,7 @@ from cephvol._os import freeze, mountns
 from cephvol.cleanup import (
     Observed,
     Step,
+    describe_foreign,
     places_of,
     plan_detach,
     split_copies,
@@ -120,12 +121,18 @@ def _foreign_mounts(host: Host, devnum: tuple[int, int], own: list[hostfs.Mount]
         users = mountns.users_in_namespace(ns, devnum, proc_root) if copy and not placed else []
         if placed or users:
             busy[ns] = real
-            who = mountns.container_of(pid, proc_root)
-            names[ns] = "; ".join(([who] if who else []) + [
-                f"pid {u.pid} ({u.command}) has its {u.what} there" for u in users])
+            names[ns] = _who_is_there(pid, users, proc_root)
         else:
             copies[ns] = copy
     return busy, copies, pids, names
+
+
+def _who_is_there(pid: int, users: list[mountns.User], proc_root: Path) -> str:
+    """'docker container X; pid N (cmd) has its cwd there; ...' for a
+    namespace entered through `pid` whose `users` use the volume."""
+    who = mountns.container_of(pid, proc_root)
+    return "; ".join(([who] if who else []) + [
+        f"pid {u.pid} ({u.command}) has its {u.what} there" for u in users])
 
 
 def _backend_copies(host: Host, mapping: Mapping | None, own_ns: str,
@@ -366,8 +373,8 @@ def _umount_copy(host: Host, step: Step, force: bool) -> None:
         if force:
             return  # the forced unmap follows; the copy keeps what it has
         who = mountns.container_of(int(pid), host.paths.proc_root)
-        why = "is covered by another mount there" if "covered" in exc.message else \
-            "came into use"
+        why = ("is covered by another mount there" if isinstance(exc, mountns.Covered)
+               else "came into use")
         raise Busy(f"a copy of the volume at {step.target} in the mount namespace of pid "
                    f"{pid}{f' ({who})' if who else ''} {why}; stop that container "
                    "first, or pass --force") from exc
@@ -404,12 +411,9 @@ def _unmount_late_backend_copies(host: Host, mapping: Mapping, force: bool) -> N
     names: dict[str, str] = {}
     _backend_copies(host, mapping, own_ns, busy, copies, pids, names)
     if busy and not force:
-        where = "; ".join(f"{m.mountpoint} in the mount namespace of pid {pids.get(ns, '?')}"
-                          + (f" ({names[ns]})" if names.get(ns) else "")
-                          for ns, ms in sorted(busy.items()) for m in ms)
         raise Busy(f"a copy of the mapping's own mount came into use while detaching: "
-                   f"{where}; not unmapping: stop those processes and detach again, or "
-                   "pass --force")
+                   f"{describe_foreign(busy, pids, names)}; not unmapping: stop those "
+                   "processes and detach again, or pass --force")
     _unmount_copies(host, copies, pids, force=force)
 
 
@@ -427,9 +431,7 @@ def _unmount_copies(host: Host, copies: dict[str, list[hostfs.Mount]],
                 if force:
                     continue
                 users = mountns.users_in_namespace(ns, m.devnum, host.paths.proc_root)
-                who = mountns.container_of(pids[ns], host.paths.proc_root)
-                named = "; ".join(([who] if who else []) + [
-                    f"pid {u.pid} ({u.command}) has its {u.what} there" for u in users])
+                named = _who_is_there(pids[ns], users, host.paths.proc_root)
                 raise Busy(f"a copy of {m.mountpoint} in the mount namespace of pid "
                            f"{pids[ns]} came into use while detaching ({named or exc.message}); "
                            "not unmapping: stop those processes and detach again, or pass "

@@ -6,6 +6,7 @@ Host "B" is simulated on this machine: its own host identity and state dir.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -15,7 +16,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -73,6 +74,30 @@ def _ns_has(pid: int, mountpoint: str) -> bool:
                    for m in read_mounts(Path(f"/proc/{pid}/mountinfo")))
     except OSError:
         return False
+
+
+@contextlib.contextmanager
+def _detach_stopped_at(cluster: CephCluster, image: str, step: str
+                       ) -> Iterator[Callable[[], tuple[int, str, str]]]:
+    """`cephvol detach IMAGE --json`, stopped at `step` (CEPHVOL_TEST_STOP_AT)
+    while the body changes the host; the body continues it with the callable
+    it gets, which returns (exit code, stdout, stderr). Continued and reaped
+    in any case."""
+    det = subprocess.Popen([CEPHVOL, "detach", image, "--json"], stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True,
+                           env=cluster.env(CEPHVOL_TEST_STOP_AT=step))
+
+    def go_on() -> tuple[int, str, str]:
+        os.kill(det.pid, signal.SIGCONT)
+        out, err = det.communicate(timeout=120)
+        return det.returncode, out, err
+
+    try:
+        assert wait_for(lambda: process_state(det.pid) == "T", timeout=60), det.pid
+        yield go_on
+    finally:
+        if det.poll() is None:
+            go_on()
 
 
 def _wait_dead(pid: int, timeout: float = 30.0) -> None:
@@ -164,29 +189,22 @@ def test_a_namespace_made_during_detach_does_not_stop_it(
     cluster.cli("create", image, "--size", "64M", check=True)
     _attach(cluster, image, mnt)
     (mnt / "kept").write_text("kept")
-    det = subprocess.Popen([CEPHVOL, "detach", image, "--json"], stdout=subprocess.PIPE,
-                           stderr=subprocess.PIPE, text=True,
-                           env=cluster.env(CEPHVOL_TEST_STOP_AT="detach-sync"))
     other = None
-    try:
-        # stopped after its look and the flush, before its umount
-        assert wait_for(lambda: process_state(det.pid) == "T", timeout=60), det.pid
-        other = subprocess.Popen(["unshare", "--mount", "--propagation", "private",
-                                  "sleep", "300"])
-        assert wait_for(lambda: _ns_has(other.pid, str(mnt)), timeout=30)
-        os.kill(det.pid, signal.SIGCONT)
-        out, err = det.communicate(timeout=120)
-        assert det.returncode == 0, out + err
-        assert json.loads(out)["detached"] is True
-        assert not _ns_has(other.pid, str(mnt)) and other.poll() is None
-        _nothing_left(cluster, image, mnt)
-    finally:
-        if det.poll() is None:
-            os.kill(det.pid, signal.SIGCONT)
-            det.communicate(timeout=120)
-        if other is not None:
-            other.kill()
-            other.wait()
+    # stopped after its look and the flush, before its umount
+    with _detach_stopped_at(cluster, image, "detach-sync") as go_on:
+        try:
+            other = subprocess.Popen(["unshare", "--mount", "--propagation", "private",
+                                      "sleep", "300"])
+            assert wait_for(lambda: _ns_has(other.pid, str(mnt)), timeout=30)
+            rc, out, err = go_on()
+            assert rc == 0, out + err
+            assert json.loads(out)["detached"] is True
+            assert not _ns_has(other.pid, str(mnt)) and other.poll() is None
+            _nothing_left(cluster, image, mnt)
+        finally:
+            if other is not None:
+                other.kill()
+                other.wait()
     _attach(cluster, image, mnt)
     assert (mnt / "kept").read_text() == "kept"
     cluster.cli("detach", image, check=True)
@@ -203,30 +221,23 @@ def test_rbd_fuses_copy_taken_into_use_during_detach_stops_it_before_the_unmap(
     cluster.cli("create", image, "--size", "64M", check=True)
     _attach(cluster, image, mnt)
     fuse_dir = cluster.state_dir / "fuse" / image.replace("/", ",-,", 1)
-    det = subprocess.Popen([CEPHVOL, "detach", image, "--json"], stdout=subprocess.PIPE,
-                           stderr=subprocess.PIPE, text=True,
-                           env=cluster.env(CEPHVOL_TEST_STOP_AT="detach-check-unused"))
     other = None
-    try:
-        assert wait_for(lambda: process_state(det.pid) == "T", timeout=60), det.pid
-        # the volume's mount is gone here, rbd-fuse's is not: the namespace
-        # copies rbd-fuse's, and its process works in it
-        other = subprocess.Popen(["unshare", "--mount", "--propagation", "private",
-                                  "sh", "-c", f"cd '{fuse_dir}' && exec sleep 300"])
-        assert wait_for(lambda: _ns_has(other.pid, str(fuse_dir)), timeout=30)
-        os.kill(det.pid, signal.SIGCONT)
-        out, err = det.communicate(timeout=120)
-        assert det.returncode == 4, out + err
-        assert f"pid {other.pid} (sleep) has its cwd there" in json.loads(out)["error"], out
-        row = next(r for r in _json(cluster.cli("status", "--json")) if r["image"] == image)
-        assert row["device"], row  # still mapped: nothing was unmapped
-    finally:
-        if det.poll() is None:
-            os.kill(det.pid, signal.SIGCONT)
-            det.communicate(timeout=120)
-        if other is not None:
-            other.kill()
-            other.wait()
+    with _detach_stopped_at(cluster, image, "detach-check-unused") as go_on:
+        try:
+            # the volume's mount is gone here, rbd-fuse's is not: the namespace
+            # copies rbd-fuse's, and its process works in it
+            other = subprocess.Popen(["unshare", "--mount", "--propagation", "private",
+                                      "sh", "-c", f"cd '{fuse_dir}' && exec sleep 300"])
+            assert wait_for(lambda: _ns_has(other.pid, str(fuse_dir)), timeout=30)
+            rc, out, err = go_on()
+            assert rc == 4, out + err
+            assert f"pid {other.pid} (sleep) has its cwd there" in json.loads(out)["error"], out
+            row = next(r for r in _json(cluster.cli("status", "--json")) if r["image"] == image)
+            assert row["device"], row  # still mapped: nothing was unmapped
+        finally:
+            if other is not None:
+                other.kill()
+                other.wait()
     fin = cluster.cli("detach", image, "--json")
     assert fin.returncode == 0, fin.stdout + fin.stderr
     _nothing_left(cluster, image, mnt)
